@@ -1,0 +1,290 @@
+"""The completion core: request -> tenant limits -> route -> shard -> OpenAI-shaped answer or SSE events.
+
+Plain async code; the Litestar routes only move HTTP in and out of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from gateway import errors
+from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult, ShardStream, StreamCut
+from gateway.errors import OpenAIError, bad_request
+from gateway.metrics import GatewayMetrics
+from gateway.openai_schema import ChatCompletionRequest, CompletionRequest
+from gateway.routing import RouteDecision, Router
+from gateway.settings import GatewaySettings
+from gateway.shadow import ShadowMode
+from gateway.tenant_limits import TenantLimiter
+from gateway.tenants import Tenant
+
+
+@dataclass
+class PreparedRequest:
+    kind: str  # "completion" | "chat"
+    request_id: str
+    decision: RouteDecision
+    job: GenerationJob
+    stream: bool
+    include_usage: bool
+
+
+class PromptMeasure:
+    """Checks prompt size: characters always; tokens when a tokenizer folder is configured."""
+
+    def __init__(self, max_chars: int, max_tokens: int = 0, tokenizer_dir: str = ""):
+        self.max_chars = max_chars
+        self.max_tokens = max_tokens
+        self._tokenizer = None
+        if max_tokens and tokenizer_dir:
+            from transformers import AutoTokenizer  # only when configured: it is slow to import
+
+            self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def check(self, text: str, param: str) -> None:
+        if len(text) > self.max_chars:
+            raise bad_request(f"The prompt has {len(text)} characters; the limit is {self.max_chars}.", param, "prompt_too_long")
+        if self._tokenizer is not None:
+            n = len(self._tokenizer(text)["input_ids"])
+            if n > self.max_tokens:
+                raise bad_request(f"The prompt has {n} tokens; the limit is {self.max_tokens}.", param, "prompt_too_long")
+
+
+class CompletionService:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        router: Router,
+        dispatcher: Dispatcher,
+        limiter: TenantLimiter,
+        metrics: GatewayMetrics,
+        shadow: ShadowMode | None = None,
+        prompt_measure: PromptMeasure | None = None,
+    ):
+        self.settings = settings
+        self.router = router
+        self.dispatcher = dispatcher
+        self.limiter = limiter
+        self.metrics = metrics
+        self.shadow = shadow
+        self.prompt_measure = prompt_measure or PromptMeasure(settings.max_prompt_chars)
+
+    # preparing -------------------------------------------------------------------------------
+    def prepare(
+        self, body: CompletionRequest | ChatCompletionRequest, tenant: Tenant, request_id: str, session: str | None = None
+    ) -> PreparedRequest:
+        chat = isinstance(body, ChatCompletionRequest)
+        self._reject_unsupported(body)
+        max_tokens = (body.max_completion_tokens if chat else None) or body.max_tokens or self.settings.default_max_tokens
+        if max_tokens > self.settings.max_tokens_limit:
+            raise bad_request(
+                f"max_tokens is {max_tokens}; the limit is {self.settings.max_tokens_limit}.", "max_tokens", "max_tokens_too_large"
+            )
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > 4 or any(not s for s in stop):
+            raise bad_request("'stop' takes up to 4 non-empty strings.", "stop")
+        decision = self.router.resolve(body.model, tenant, body.user or session)
+        prompt: str | None = None
+        messages: tuple[tuple[str, str], ...] = ()
+        if chat:
+            if not body.messages:
+                raise bad_request("'messages' must not be empty.", "messages")
+            messages = tuple((_role(m.role), _message_text(m.content)) for m in body.messages)
+            self.prompt_measure.check("\n".join(c for _, c in messages), "messages")
+        else:
+            prompt = body.prompt if isinstance(body.prompt, str) else _single_prompt(body.prompt)
+            self.prompt_measure.check(prompt, "prompt")
+        job = GenerationJob(
+            request_id=request_id,
+            adapter=decision.adapter,
+            version=decision.version,
+            prompt=prompt,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            seed=body.seed,
+            stop=stop,
+        )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return PreparedRequest("chat" if chat else "completion", request_id, decision, job, body.stream, include_usage)
+
+    def _reject_unsupported(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        if body.n not in (None, 1):
+            raise bad_request("Only n=1 is supported.", "n", "unsupported_parameter")
+        if body.logprobs not in (None, False, 0):
+            raise bad_request("logprobs are not supported.", "logprobs", "unsupported_parameter")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, name) not in (None, 0, 0.0):
+                raise bad_request(f"{name} is not supported.", name, "unsupported_parameter")
+        if isinstance(body, CompletionRequest):
+            if body.echo:
+                raise bad_request("echo is not supported.", "echo", "unsupported_parameter")
+            if body.suffix:
+                raise bad_request("suffix is not supported.", "suffix", "unsupported_parameter")
+        elif body.tools:
+            raise bad_request("tools are not supported.", "tools", "unsupported_parameter")
+
+    def response_headers(self, prepared: PreparedRequest, shard_id: str, adapter: str, version: str) -> dict[str, str]:
+        route = prepared.decision.route
+        return {
+            "x-loraplex-adapter": adapter or self.settings.base_model_id,
+            "x-loraplex-version": version,
+            "x-loraplex-route": route,
+            "x-loraplex-shard": shard_id,
+        }
+
+    # answering -------------------------------------------------------------------------------
+    async def complete(self, prepared: PreparedRequest, tenant: Tenant) -> tuple[dict, dict[str, str]]:
+        self.limiter.admit(tenant)
+        tokens = 0
+        primary = asyncio.get_running_loop().create_future()
+        try:
+            result = await self.dispatcher.generate(prepared.job, prepared.decision.model)
+            tokens = result.prompt_tokens + result.completion_tokens
+            self._observe(prepared, result)
+            primary.set_result(result)
+            self._start_shadow(prepared, tenant, primary)
+            body = self._final_body(prepared, result)
+            return body, self.response_headers(prepared, result.shard_id, result.adapter, result.version)
+        finally:
+            if not primary.done():
+                primary.cancel()
+            self.limiter.release(tenant, tokens)
+
+    async def open_stream(self, prepared: PreparedRequest, tenant: Tenant) -> tuple[AsyncIterator[bytes], dict[str, str]]:
+        """Opens the shard stream (with failover) before any byte is sent, so headers name the shard."""
+        self.limiter.admit(tenant)
+        try:
+            stream = await self.dispatcher.open_stream(prepared.job, prepared.decision.model)
+        except BaseException:
+            self.limiter.release(tenant, 0)
+            raise
+        self.metrics.first_token.labels(prepared.decision.route).observe(stream.first_token_s)
+        primary = asyncio.get_running_loop().create_future()
+        self._start_shadow(prepared, tenant, primary)
+        headers = self.response_headers(prepared, stream.shard_id, stream.adapter, stream.version)
+        return self._sse_events(prepared, tenant, stream, primary), headers
+
+    async def _sse_events(
+        self, prepared: PreparedRequest, tenant: Tenant, stream: ShardStream, primary: asyncio.Future
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        ident = _response_id(prepared)
+        try:
+            if prepared.kind == "chat":
+                yield _sse(self._chunk(prepared, ident, created, {"role": "assistant", "content": ""}, None))
+            async for chunk in stream.chunks():
+                finish = stream.finish_reason if chunk.finish_reason else None
+                if chunk.text or finish:
+                    payload = {"content": chunk.text} if prepared.kind == "chat" else chunk.text
+                    if prepared.kind == "chat" and finish and not chunk.text:
+                        payload = {}
+                    yield _sse(self._chunk(prepared, ident, created, payload, finish))
+            result = stream.result()
+            self._observe(prepared, result)
+            primary.set_result(result)
+            if prepared.include_usage:
+                yield _sse(
+                    {
+                        "id": ident,
+                        "object": _chunk_object(prepared),
+                        "created": created,
+                        "model": prepared.decision.model,
+                        "choices": [],
+                        "usage": _usage(result),
+                    }
+                )
+            yield b"data: [DONE]\n\n"
+        except StreamCut as exc:
+            # Never a silent truncation: the client sees an error event and no [DONE].
+            self.metrics.stream_cuts.inc()
+            error = errors.OpenAIError(502, f"The stream was cut: {exc}", "server_error", "stream_cut")
+            yield _sse(error.body())
+        finally:
+            if not primary.done():
+                primary.cancel()
+            await stream.aclose()
+            self.limiter.release(tenant, stream.prompt_tokens + stream.completion_tokens)
+
+    def _chunk(self, prepared: PreparedRequest, ident: str, created: int, payload, finish: str | None) -> dict:
+        if prepared.kind == "chat":
+            choice = {"index": 0, "delta": payload, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"text": payload, "index": 0, "finish_reason": finish, "logprobs": None}
+        return {"id": ident, "object": _chunk_object(prepared), "created": created, "model": prepared.decision.model, "choices": [choice]}
+
+    def _final_body(self, prepared: PreparedRequest, result: GenerationResult) -> dict:
+        base = {"id": _response_id(prepared), "created": int(time.time()), "model": prepared.decision.model, "usage": _usage(result)}
+        if prepared.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason, "logprobs": None}
+            return {**base, "object": "chat.completion", "choices": [choice]}
+        choice = {"text": result.text, "index": 0, "finish_reason": result.finish_reason, "logprobs": None}
+        return {**base, "object": "text_completion", "choices": [choice]}
+
+    def _observe(self, prepared: PreparedRequest, result: GenerationResult) -> None:
+        adapter = prepared.decision.adapter or self.settings.base_model_id
+        self.metrics.tokens.labels("prompt", adapter).inc(result.prompt_tokens)
+        self.metrics.tokens.labels("completion", adapter).inc(result.completion_tokens)
+        if prepared.stream is False:
+            self.metrics.first_token.labels(prepared.decision.route).observe(result.first_token_s)
+
+    def _start_shadow(self, prepared: PreparedRequest, tenant: Tenant, primary: asyncio.Future) -> None:
+        if self.shadow is not None and prepared.decision.shadow_version:
+            self.shadow.maybe_start(prepared.job, prepared.decision.shadow_version, tenant.name, primary)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _response_id(prepared: PreparedRequest) -> str:
+    return ("chatcmpl-" if prepared.kind == "chat" else "cmpl-") + prepared.request_id
+
+
+def _chunk_object(prepared: PreparedRequest) -> str:
+    return "chat.completion.chunk" if prepared.kind == "chat" else "text_completion"
+
+
+def _usage(result: GenerationResult) -> dict:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def _message_text(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise bad_request("Only text content parts are supported.", "messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _single_prompt(prompts: list[str]) -> str:
+    if len(prompts) != 1:
+        raise bad_request("Exactly one prompt per request is supported.", "prompt")
+    return prompts[0]
+
+
+__all__ = ["CompletionService", "OpenAIError", "PreparedRequest", "PromptMeasure", "new_request_id"]

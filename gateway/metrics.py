@@ -1,0 +1,34 @@
+"""The gateway's Prometheus metrics, in a registry of its own (one per app: no process globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "loraplex_gateway_requests", "HTTP requests answered", ["endpoint", "status", "route", "adapter"], registry=r
+        )
+        self.latency = Histogram(
+            "loraplex_gateway_request_seconds", "Time to the end of the answer", ["endpoint", "route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.first_token = Histogram(
+            "loraplex_gateway_first_token_seconds", "Time until the first text arrived from a shard", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tokens = Counter("loraplex_gateway_tokens", "Tokens served", ["kind", "adapter"], registry=r)
+        self.shard_healthy = Gauge("loraplex_gateway_shard_healthy", "1 when the shard is in the ring", ["shard"], registry=r)
+        self.shard_in_flight = Gauge("loraplex_gateway_shard_in_flight", "Requests in flight per shard", ["shard"], registry=r)
+        self.shard_failures = Counter("loraplex_gateway_shard_attempt_failures", "Failed shard calls", ["shard", "code"], registry=r)
+        self.routing_stale = Gauge("loraplex_gateway_routing_table_stale", "1 when the routing table could not be refreshed", registry=r)
+        self.routing_age = Gauge("loraplex_gateway_routing_table_age_seconds", "Seconds since the routing table was last refreshed", registry=r)
+        self.stream_cuts = Counter("loraplex_gateway_stream_cuts", "Streams ended by an error event after text was sent", registry=r)
+        self.shadow_pairs = Gauge("loraplex_gateway_shadow_started", "Shadow copies started", registry=r)
+        self.shadow_dropped = Gauge("loraplex_gateway_shadow_dropped", "Shadow copies shed because the shadow pool was full", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Thin Litestar route handlers over the gateway's core classes."""

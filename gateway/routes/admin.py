@@ -1,0 +1,167 @@
+"""Admin API (admin key): shards and the ring, adapters on shards, routing reload, shadow comparisons."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Annotated
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from litestar import Router, get, post
+from litestar.params import FromPath, FromQuery, JSONBody
+from msgspec import Meta, Struct
+
+from gateway import errors
+from gateway.app_lifecycle import call_blocking_or_async
+from gateway.errors import OpenAIError, bad_request
+from gateway.routes.auth import require_admin
+from gateway.routes.responses import ADMIN_ERRORS
+from gateway.state import GatewayParts, Parts
+from protos import shard_pb2
+
+ADMIN_TIMEOUT_S = 60.0
+
+
+class AdapterAction(Struct, kw_only=True):
+    adapter: Annotated[str, Meta(min_length=1)]
+    version: str | None = None  # default: the champion in the routing table
+    shards: list[str] | None = None  # default: the shards that own adapter@version on the ring
+    replicas: Annotated[int, Meta(ge=1)] = 1
+    pin: bool = True  # /pin: pin (true) or unpin (false); /load: load pinned
+    unpin_only: bool = False  # /unload: keep it cached, just allow eviction
+
+
+def _targets(parts: GatewayParts, action: AdapterAction) -> tuple[str, list[str]]:
+    version = action.version
+    if not version:
+        route = parts.router.known_adapters().get(action.adapter)
+        if route is None or not route.champion:
+            raise errors.model_not_found(action.adapter, "no version given and no champion in the routing table")
+        version = str(route.champion)
+    if action.shards:
+        unknown = [s for s in action.shards if parts.pool.get(s) is None]
+        if unknown:
+            raise OpenAIError(404, f"Unknown shards: {unknown}", "invalid_request_error", "shard_not_found", "shards")
+        return version, list(action.shards)
+    owners = parts.pool.ring.owners(f"{action.adapter}@{version}", action.replicas)
+    if not owners:
+        raise errors.no_shard_available()
+    return version, owners
+
+
+async def _on_shards(parts: GatewayParts, shards: list[str], call) -> dict:
+    async def one(shard_id: str):
+        try:
+            reply = await call(parts.pool.get(shard_id).stub)
+            return shard_id, {"ok": True, **MessageToDict(reply, preserving_proto_field_name=True)}
+        except grpc.aio.AioRpcError as exc:
+            return shard_id, {"ok": False, "code": exc.code().name, "message": exc.details()}
+
+    return dict(await asyncio.gather(*(one(s) for s in shards)))
+
+
+@get("/shards", responses=ADMIN_ERRORS, summary="Shards, their health and the placement ring")
+async def list_shards(parts: Parts) -> dict:
+    ring = parts.pool.ring
+    placement = {}
+    for name, route in parts.router.known_adapters().items():
+        for alias in ("champion", "canary", "shadow"):
+            version = getattr(route, alias, None)
+            if version:
+                key = f"{name}@{version}"
+                placement[key] = ring.ring_order(key)
+    return {
+        "shards": [s.describe() for s in parts.pool.all()],
+        "ring": {"members": ring.shards, "virtual_nodes": ring.virtual_nodes, "epsilon": ring.epsilon, "hot_inflight": ring.hot_inflight},
+        "placement": placement,
+    }
+
+
+@get("/shards/{shard_id:str}/adapters", responses=ADMIN_ERRORS, summary="A shard's adapter cache (ListAdapters)")
+async def shard_adapters(shard_id: FromPath[str], parts: Parts) -> dict:
+    state = parts.pool.get(shard_id)
+    if state is None:
+        raise OpenAIError(404, f"Unknown shard {shard_id!r}.", "invalid_request_error", "shard_not_found")
+    try:
+        reply = await state.stub.ListAdapters(shard_pb2.ListAdaptersRequest(), timeout=ADMIN_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        raise errors.from_grpc(exc.code(), exc.details() or "", shard_id) from exc
+    return {"shard": shard_id, **MessageToDict(reply, preserving_proto_field_name=True)}
+
+
+@post("/adapters/load", responses=ADMIN_ERRORS, status_code=200, summary="Load an adapter version on the shards that own it")
+async def load_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
+    version, shards = _targets(parts, data)
+    ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
+    req = shard_pb2.LoadAdapterRequest(adapter=ref, pin=data.pin)
+    results = await _on_shards(parts, shards, lambda stub: stub.LoadAdapter(req, timeout=ADMIN_TIMEOUT_S))
+    return {"adapter": data.adapter, "version": version, "shards": results}
+
+
+@post("/adapters/unload", responses=ADMIN_ERRORS, status_code=200, summary="Unload (or only unpin) an adapter version on shards")
+async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
+    if not data.version:
+        raise bad_request("'version' is required to unload.", "version")
+    version, shards = _targets(parts, data)
+    if not data.shards:
+        shards = parts.pool.healthy_shards()  # it may have spilled anywhere: unload everywhere
+    ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
+    req = shard_pb2.UnloadAdapterRequest(adapter=ref, unpin_only=data.unpin_only)
+    results = await _on_shards(parts, shards, lambda stub: stub.UnloadAdapter(req, timeout=ADMIN_TIMEOUT_S))
+    return {"adapter": data.adapter, "version": version, "shards": results}
+
+
+@post("/adapters/pin", responses=ADMIN_ERRORS, status_code=200, summary="Pin (pin=true) or unpin (pin=false) an adapter version")
+async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
+    version, shards = _targets(parts, data)
+    ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
+    if data.pin:
+        req = shard_pb2.LoadAdapterRequest(adapter=ref, pin=True)
+        results = await _on_shards(parts, shards, lambda stub: stub.LoadAdapter(req, timeout=ADMIN_TIMEOUT_S))
+    else:
+        req = shard_pb2.UnloadAdapterRequest(adapter=ref, unpin_only=True)
+        results = await _on_shards(parts, parts.pool.healthy_shards(), lambda stub: stub.UnloadAdapter(req, timeout=ADMIN_TIMEOUT_S))
+    return {"adapter": data.adapter, "version": version, "pinned": data.pin, "shards": results}
+
+
+@post("/routing/reload", responses=ADMIN_ERRORS, status_code=200, summary="Re-read the routing table and the tenants file now")
+async def reload_routing(parts: Parts) -> dict:
+    source = parts.routing_source
+    for name in ("poll_now", "reload"):
+        method = getattr(source, name, None)
+        if callable(method):
+            await call_blocking_or_async(method)
+            break
+    tenants_reloaded = parts.tenants.refresh()
+    table = source.current()
+    adapters = {
+        name: {
+            "champion": r.champion,
+            "canary": getattr(r, "canary", None),
+            "shadow": getattr(r, "shadow", None),
+            "canary_percent": getattr(r, "canary_percent", 0.0),
+        }
+        for name, r in (table.adapters.items() if table is not None else ())
+    }
+    return {"adapters": adapters, "stale": bool(source.is_stale), "tenants_reloaded": tenants_reloaded, "tenants_error": parts.tenants.last_error}
+
+
+@get("/shadow", responses=ADMIN_ERRORS, summary="Recent shadow pairs and aggregates for an adapter")
+async def shadow_pairs(adapter: FromQuery[str], parts: Parts) -> dict:
+    recorder = parts.shadow_recorder
+    return {
+        "adapter": adapter,
+        "aggregates": recorder.aggregates(adapter),
+        "pairs": [asdict(p) for p in recorder.recent(adapter)],
+        "running": parts.shadow.running,
+        "dropped": parts.shadow.dropped,
+    }
+
+
+admin_router = Router(
+    path="/admin",
+    guards=[require_admin],
+    tags=["admin"],
+    route_handlers=[list_shards, shard_adapters, load_adapter, unload_adapter, pin_adapter, reload_routing, shadow_pairs],
+)

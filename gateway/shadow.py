@@ -1,0 +1,210 @@
+"""Shadow mode: a sampled copy of a request goes to the adapter's `shadow` version, and the pair is compared.
+
+The copy starts only after the primary answer is under way, runs as a background task that the
+client's answer never waits for, and is the first load shed: at most `max_concurrency` copies run,
+further ones are dropped (counted), and a copy is never retried on another shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult
+from gateway.errors import OpenAIError
+
+log = logging.getLogger(__name__)
+
+
+def compare_outputs(primary_tokens: list[int], shadow_tokens: list[int], primary_text: str, shadow_text: str) -> tuple[bool, float]:
+    """(exact match of the texts, token-level agreement = same token at the same position / longer length)."""
+    longest = max(len(primary_tokens), len(shadow_tokens))
+    if longest == 0:
+        agreement = 1.0 if primary_text == shadow_text else 0.0
+    else:
+        same = sum(1 for a, b in zip(primary_tokens, shadow_tokens) if a == b)
+        agreement = same / longest
+    return primary_text == shadow_text, agreement
+
+
+@dataclass(frozen=True)
+class ShadowPair:
+    request_id: str
+    tenant: str
+    adapter: str
+    primary_version: str
+    shadow_version: str
+    primary_output: str
+    shadow_output: str
+    exact_match: bool
+    token_agreement: float
+    primary_latency_ms: float
+    shadow_latency_ms: float
+    created_unix: float
+
+
+@dataclass
+class ShadowAggregate:
+    pairs: int = 0
+    exact_matches: int = 0
+    agreement_sum: float = 0.0
+    primary_latency_ms_sum: float = 0.0
+    shadow_latency_ms_sum: float = 0.0
+
+    def add(self, pair: ShadowPair) -> None:
+        self.pairs += 1
+        self.exact_matches += int(pair.exact_match)
+        self.agreement_sum += pair.token_agreement
+        self.primary_latency_ms_sum += pair.primary_latency_ms
+        self.shadow_latency_ms_sum += pair.shadow_latency_ms
+
+    def metrics(self) -> dict[str, float]:
+        n = max(1, self.pairs)
+        return {
+            "shadow_pairs": float(self.pairs),
+            "shadow_exact_match_rate": self.exact_matches / n,
+            "shadow_token_agreement": self.agreement_sum / n,
+            "shadow_primary_latency_ms": self.primary_latency_ms_sum / n,
+            "shadow_latency_ms": self.shadow_latency_ms_sum / n,
+        }
+
+
+class ShadowRecorder:
+    """Writes pairs as JSON lines, keeps recent pairs and per-(adapter, shadow version) aggregates.
+
+    `on_aggregate(adapter, shadow_version, metrics)` is called every `aggregate_every` pairs of that
+    version (the registry logs them as MLflow metrics on the version's run).
+    """
+
+    def __init__(
+        self,
+        log_path: str | Path | None = None,
+        recent_pairs: int = 100,
+        on_aggregate: Callable[[str, str, dict[str, float]], None] | None = None,
+        aggregate_every: int = 10,
+    ):
+        self.log_path = Path(log_path) if log_path else None
+        self.on_aggregate = on_aggregate
+        self.aggregate_every = max(1, aggregate_every)
+        self._recent: dict[str, deque[ShadowPair]] = defaultdict(lambda: deque(maxlen=recent_pairs))
+        self._aggregates: dict[tuple[str, str], ShadowAggregate] = defaultdict(ShadowAggregate)
+        self._lock = threading.Lock()
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(self, pair: ShadowPair) -> None:
+        with self._lock:
+            if self.log_path:
+                with self.log_path.open("a") as f:
+                    f.write(json.dumps(asdict(pair)) + "\n")
+            self._recent[pair.adapter].append(pair)
+            aggregate = self._aggregates[(pair.adapter, pair.shadow_version)]
+            aggregate.add(pair)
+            due = aggregate.pairs % self.aggregate_every == 0
+            metrics = aggregate.metrics()
+        if due and self.on_aggregate:
+            try:
+                self.on_aggregate(pair.adapter, pair.shadow_version, metrics)
+            except Exception:  # the sink is best effort: serving must not notice it failing
+                log.exception("shadow aggregate sink failed for %s@%s", pair.adapter, pair.shadow_version)
+
+    def recent(self, adapter: str) -> list[ShadowPair]:
+        with self._lock:
+            return list(self._recent.get(adapter, ()))
+
+    def aggregates(self, adapter: str | None = None) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {
+                f"{a}@{v}": agg.metrics() for (a, v), agg in self._aggregates.items() if adapter is None or a == adapter
+            }
+
+
+class ShadowMode:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        recorder: ShadowRecorder,
+        sample_share: float = 1.0,
+        max_concurrency: int = 4,
+        rng: random.Random | None = None,
+        primary_wait_s: float = 300.0,
+    ):
+        self.dispatcher = dispatcher
+        self.recorder = recorder
+        self.sample_share = sample_share
+        self.max_concurrency = max_concurrency
+        self.primary_wait_s = primary_wait_s
+        self._rng = rng or random.Random()
+        self._tasks: set[asyncio.Task] = set()
+        self.started = 0
+        self.dropped = 0
+        self.failed = 0
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    def maybe_start(
+        self, job: GenerationJob, shadow_version: str | None, tenant: str, primary: asyncio.Future[GenerationResult]
+    ) -> bool:
+        """Start a shadow copy if sampled and there is room; `primary` resolves with the client's answer."""
+        if not shadow_version or shadow_version == job.version or self.sample_share <= 0:
+            return False
+        if self._rng.random() >= self.sample_share:
+            return False
+        if len(self._tasks) >= self.max_concurrency:
+            self.dropped += 1
+            return False
+        self.started += 1
+        shadow_job = replace(job, version=shadow_version, request_id=f"{job.request_id}-shadow")
+        task = asyncio.create_task(self._run(job, shadow_job, tenant, primary), name=f"shadow-{job.request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _run(self, job: GenerationJob, shadow_job: GenerationJob, tenant: str, primary: asyncio.Future) -> None:
+        try:
+            shadow = await self.dispatcher.generate(shadow_job, f"{job.adapter}@{shadow_job.version}", allow_retry=False)
+            first = await asyncio.wait_for(asyncio.shield(primary), self.primary_wait_s)
+        except (OpenAIError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            self.failed += 1
+            log.info("shadow copy of %s dropped: %s", job.request_id, exc)
+            return
+        except Exception:
+            self.failed += 1
+            log.exception("shadow copy of %s failed", job.request_id)
+            return
+        exact, agreement = compare_outputs(first.token_ids, shadow.token_ids, first.text, shadow.text)
+        self.recorder.record(
+            ShadowPair(
+                job.request_id,
+                tenant,
+                job.adapter,
+                first.version,
+                shadow.version,
+                first.text,
+                shadow.text,
+                exact,
+                agreement,
+                first.latency_s * 1000.0,
+                shadow.latency_s * 1000.0,
+                time.time(),
+            )
+        )
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.drain()

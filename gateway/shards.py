@@ -1,0 +1,221 @@
+"""gRPC channels to the shards, their health, and the ring of healthy ones.
+
+Health is active (grpc.health.v1 `Check` every `health_interval_s`) and passive (a call that fails
+with a connection-level error marks the shard down at once). A shard leaves the placement ring when
+it goes down and rejoins when a health check answers SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.placement import PlacementRing
+from protos import shard_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Reconnect fast: a restarted shard should rejoin within a health interval or two, not after
+# grpc's default exponential backoff (up to 2 minutes).
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 2_000),
+)
+
+
+class StaticDiscovery:
+    def __init__(self, addresses: Iterable[str]):
+        self.addresses = tuple(addresses)
+        self.interval_s = 0.0
+
+    async def resolve(self) -> list[str]:
+        return list(self.addresses)
+
+
+class DnsDiscovery:
+    """Every A/AAAA record of a name (a Kubernetes headless service) is a shard."""
+
+    def __init__(self, name: str, port: int, interval_s: float = 5.0):
+        self.name, self.port, self.interval_s = name, port, interval_s
+
+    async def resolve(self) -> list[str]:
+        infos = await asyncio.get_running_loop().getaddrinfo(self.name, self.port, type=socket.SOCK_STREAM)
+        addrs = set()
+        for family, _, _, _, sockaddr in infos:
+            host = sockaddr[0]
+            addrs.add(f"[{host}]:{self.port}" if family == socket.AF_INET6 else f"{host}:{self.port}")
+        return sorted(addrs)
+
+
+@dataclass
+class ShardState:
+    shard_id: str
+    channel: grpc.aio.Channel
+    stub: shard_pb2_grpc.ShardStub
+    health: health_pb2_grpc.HealthStub
+    healthy: bool = False
+    last_error: str = ""
+    last_change_unix: float = field(default_factory=time.time)
+    last_check_unix: float = 0.0
+    in_flight: int = 0
+    served: int = 0
+    failures: int = 0
+    key_in_flight: Counter = field(default_factory=Counter)
+
+    def describe(self) -> dict:
+        return {
+            "id": self.shard_id,
+            "address": self.shard_id,
+            "healthy": self.healthy,
+            "in_flight": self.in_flight,
+            "served": self.served,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_change_unix": self.last_change_unix,
+            "last_check_unix": self.last_check_unix,
+            "adapters_in_flight": dict(self.key_in_flight),
+        }
+
+
+class ShardPool:
+    def __init__(
+        self,
+        discovery: StaticDiscovery | DnsDiscovery,
+        ring: PlacementRing,
+        health_interval_s: float = 0.5,
+        health_timeout_s: float = 0.4,
+        on_health_change: Callable[[str, bool], None] | None = None,
+    ):
+        self.discovery = discovery
+        self.ring = ring
+        self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self._on_health_change = on_health_change
+        self._shards: dict[str, ShardState] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._last_discovery = 0.0
+
+    # lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._discover()
+        await self.check_all()
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="shard-health"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for state in self._shards.values():
+            await state.channel.close(grace=None)
+        self._shards.clear()
+        self.ring.set_shards(())
+
+    async def _discover(self) -> None:
+        self._last_discovery = time.monotonic()
+        try:
+            addresses = set(await self.discovery.resolve())
+        except OSError as exc:
+            log.warning("shard discovery failed, keeping the known shards: %s", exc)
+            return
+        for gone in set(self._shards) - addresses:
+            state = self._shards.pop(gone)
+            self._set_health(state, False, "no longer discovered")
+            await state.channel.close(grace=None)
+        for new in sorted(addresses - set(self._shards)):
+            channel = grpc.aio.insecure_channel(new, options=CHANNEL_OPTIONS)
+            self._shards[new] = ShardState(new, channel, shard_pb2_grpc.ShardStub(channel), health_pb2_grpc.HealthStub(channel))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            interval = self.discovery.interval_s
+            if interval and time.monotonic() - self._last_discovery >= interval:
+                await self._discover()
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(s) for s in list(self._shards.values())))
+
+    async def _check(self, state: ShardState) -> None:
+        state.last_check_unix = time.time()
+        try:
+            reply = await state.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.health_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self._set_health(state, False, f"health check: {exc.code().name} {exc.details() or ''}".strip())
+            return
+        except Exception as exc:  # a broken channel must not stop the loop
+            self._set_health(state, False, f"health check: {exc!r}")
+            return
+        serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        self._set_health(state, serving, "" if serving else f"health status {reply.status}")
+
+    def _set_health(self, state: ShardState, healthy: bool, reason: str) -> None:
+        if not healthy:
+            state.last_error = reason
+        if state.healthy == healthy:
+            return
+        state.healthy = healthy
+        state.last_change_unix = time.time()
+        if healthy:
+            self.ring.add(state.shard_id)
+            log.info("shard %s joined the ring", state.shard_id)
+        else:
+            self.ring.remove(state.shard_id)
+            log.warning("shard %s left the ring: %s", state.shard_id, reason)
+        if self._on_health_change:
+            self._on_health_change(state.shard_id, healthy)
+
+    # queries used by dispatch and admin -------------------------------------------------------
+    def mark_down(self, shard_id: str, reason: str) -> None:
+        """Passive failure detection: a call failed at the connection level."""
+        state = self._shards.get(shard_id)
+        if state is not None:
+            state.failures += 1
+            self._set_health(state, False, reason)
+
+    def healthy_shards(self) -> list[str]:
+        return sorted(s for s, st in self._shards.items() if st.healthy)
+
+    def get(self, shard_id: str) -> ShardState | None:
+        return self._shards.get(shard_id)
+
+    def all(self) -> list[ShardState]:
+        return [self._shards[k] for k in sorted(self._shards)]
+
+    def loads(self) -> dict[str, int]:
+        return {s: st.in_flight for s, st in self._shards.items() if st.healthy}
+
+    def key_in_flight(self, key: str) -> int:
+        return sum(st.key_in_flight[key] for st in self._shards.values())
+
+    def candidates(self, key: str) -> list[str]:
+        return self.ring.choose(key, self.loads(), self.key_in_flight(key))
+
+    @contextlib.contextmanager
+    def in_flight(self, shard_id: str, key: str):
+        state = self._shards[shard_id]
+        state.in_flight += 1
+        state.key_in_flight[key] += 1
+        try:
+            yield state
+        finally:
+            state.in_flight -= 1
+            state.key_in_flight[key] -= 1
+            if state.key_in_flight[key] <= 0:
+                del state.key_in_flight[key]

@@ -1,0 +1,162 @@
+"""Fixtures for the gateway tests: a tenants file, scripted shards on loopback, a gateway app over them."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+import pytest
+from gateway_scripted_shard import ScriptedShardServer
+from litestar.testing import TestClient
+
+from gateway.app import create_app
+from gateway.routing_source import StaticRoutingSource
+from gateway.settings import GatewaySettings
+from gateway.tenants import sha256_hex
+
+ADMIN_KEY = "admin-secret"
+ACME_KEY = "acme-secret"
+LIMITED_KEY = "limited-secret"
+WILDCARD_KEY = "wildcard-secret"
+
+ROUTES = {
+    "legal": {"champion": "1", "canary": "2", "canary_percent": 0},
+    "clinical": {"champion": "3"},
+    "sql": {"champion": "1"},
+    "draft": {"canary": None},  # granted to acme but nothing is champion
+    "shadowed": {"champion": "1", "shadow": "2"},
+}
+
+
+def tenants_yaml() -> str:
+    return f"""
+admin_key_sha256: {sha256_hex(ADMIN_KEY)}
+tenants:
+  - name: acme
+    key_sha256: [{sha256_hex(ACME_KEY)}]
+    adapters: [legal, clinical, draft, shadowed, base]
+    default_adapter: legal
+  - name: limited
+    key_sha256: [{sha256_hex(LIMITED_KEY)}]
+    adapters: [legal]
+    limits: {{concurrent_requests: 1, tokens_per_minute: 10}}
+  - name: everything
+    key_sha256: [{sha256_hex(WILDCARD_KEY)}]
+    adapters: ["*"]
+"""
+
+
+@pytest.fixture
+def tenants_file(tmp_path):
+    path = tmp_path / "tenants.yaml"
+    path.write_text(tenants_yaml())
+    return path
+
+
+@pytest.fixture
+def shard_servers():
+    servers = [ScriptedShardServer(f"s{i}").start() for i in range(2)]
+    yield servers
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def gateway_settings(tmp_path, tenants_file, shard_servers):
+    return GatewaySettings.from_mapping(
+        {
+            "tenants_file": str(tenants_file),
+            "shard_addresses": [s.address for s in shard_servers],
+            "health_interval_s": 0.1,
+            "health_timeout_s": 0.5,
+            "tenants_reload_interval_s": 0.1,
+            "shadow_log_path": str(tmp_path / "shadow.jsonl"),
+            "max_body_bytes": 4096,
+            "max_tokens_limit": 64,
+            "max_prompt_chars": 1000,
+            "request_timeout_s": 10,
+            "static_routes": ROUTES,
+        }
+    )
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def wait_until(predicate, timeout_s: float = 5.0, step_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return predicate()
+
+
+@pytest.fixture
+def client(gateway_settings):
+    app = create_app(gateway_settings, routing_source=StaticRoutingSource.from_mapping(ROUTES))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def gateway_process(tmp_path, tenants_file, shard_servers):
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {
+                    "port": 0,
+                    "tenants_file": str(tenants_file),
+                    "shard_addresses": [s.address for s in shard_servers],
+                    "static_routes": ROUTES,
+                    "health_interval_s": 0.2,
+                }
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_GATEWAY_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", "warning"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        url, seen, deadline = None, [], time.monotonic() + 60
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if line.startswith("gateway ready on "):
+                url = line.split()[-1]
+        assert url and url.startswith("http://127.0.0.1:"), "gateway did not start:\n" + "".join(seen)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+

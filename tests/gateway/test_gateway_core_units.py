@@ -1,0 +1,274 @@
+"""No-network unit tests: tenants, limits, routing split, placement ring, shadow metrics, error mapping, settings."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import grpc
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gateway.errors import OpenAIError, from_grpc
+from gateway.placement import PlacementRing
+from gateway.routing import Router, canary_bucket
+from gateway.routing_source import StaticRoutingSource
+from gateway.settings import GatewaySettings, SettingsError
+from gateway.shadow import ShadowPair, ShadowRecorder, compare_outputs
+from gateway.tenant_limits import TenantLimiter
+from gateway.tenants import TenantDirectory, TenantLimits, Tenant, TenantsFileError, parse_tenants, sha256_hex
+from gateway_fixtures import ACME_KEY, ADMIN_KEY, LIMITED_KEY, WILDCARD_KEY, tenants_yaml
+
+
+# tenants ---------------------------------------------------------------------------------------
+def test_keys_map_to_tenants_by_hash_and_admin_is_separate(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(tenants_yaml())
+    directory = TenantDirectory.from_file(path)
+    assert directory.authenticate(ACME_KEY).name == "acme"
+    assert directory.authenticate(WILDCARD_KEY).name == "everything"
+    assert directory.authenticate("nope") is None and directory.authenticate(None) is None
+    assert directory.is_admin(ADMIN_KEY) and not directory.is_admin(ACME_KEY)
+    assert ACME_KEY not in path.read_text()  # only hashes on disk
+
+
+def test_plain_keys_and_bad_files_are_refused():
+    with pytest.raises(TenantsFileError, match="sha256"):
+        parse_tenants("tenants: [{name: a, key_sha256: [plain-key], adapters: [x]}]")
+    with pytest.raises(TenantsFileError, match="default_adapter"):
+        parse_tenants(f"tenants: [{{name: a, key_sha256: [{sha256_hex('k')}], adapters: [x], default_adapter: y}}]")
+    with pytest.raises(TenantsFileError, match="twice"):
+        h = sha256_hex("k")
+        parse_tenants(f"tenants: [{{name: a, key_sha256: [{h}]}}, {{name: b, key_sha256: [{h}]}}]")
+    with pytest.raises(TenantsFileError, match="YAML"):
+        parse_tenants("tenants: [")
+
+
+def test_reload_on_change_and_malformed_file_keeps_old_tenants(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(tenants_yaml())
+    directory = TenantDirectory.from_file(path)
+    path.write_text("tenants: [{name: broken, key_sha256: [not-a-hash]}]\n")
+    assert directory.refresh() is False
+    assert directory.authenticate(ACME_KEY).name == "acme" and "sha256" in directory.last_error
+    path.write_text(f"tenants: [{{name: newcomer, key_sha256: [{sha256_hex('new-key')}], adapters: [sql]}}]\n")
+    assert directory.refresh() is True
+    assert directory.authenticate("new-key").name == "newcomer"
+    assert directory.authenticate(ACME_KEY) is None and directory.last_error is None
+
+
+# limits ----------------------------------------------------------------------------------------
+def _tenant(concurrent=0, tpm=0, adapters=("legal",)):
+    return Tenant("t", (sha256_hex("k"),), frozenset(adapters), None, TenantLimits(concurrent, tpm))
+
+
+def test_concurrency_and_tokens_per_minute_limits():
+    now = [1000.0]
+    limiter = TenantLimiter(clock=lambda: now[0])
+    tenant = _tenant(concurrent=2, tpm=100)
+    limiter.admit(tenant)
+    limiter.admit(tenant)
+    with pytest.raises(OpenAIError) as exc:
+        limiter.admit(tenant)
+    assert exc.value.status == 429 and exc.value.headers["retry-after"] == "1"
+    limiter.release(tenant, 60)
+    limiter.release(tenant, 50)  # 110 tokens in the window: over
+    with pytest.raises(OpenAIError) as exc:
+        limiter.admit(tenant)
+    assert exc.value.status == 429 and int(exc.value.headers["retry-after"]) == 60
+    now[0] += 30
+    with pytest.raises(OpenAIError):
+        limiter.admit(tenant)
+    now[0] += 31  # both charges left the window
+    limiter.admit(tenant)
+    assert limiter.in_flight(tenant) == 1
+
+
+# routing ---------------------------------------------------------------------------------------
+def _router(percent=25.0, seed=7, **extra):
+    routes = {"legal": {"champion": "1", "canary": "2", "canary_percent": percent, **extra}, "nochamp": {"canary": None}}
+    return Router(StaticRoutingSource.from_mapping(routes), "base", random.Random(seed))
+
+
+ACME = Tenant("acme", (sha256_hex("a"),), frozenset({"legal", "nochamp", "base"}), "legal", TenantLimits())
+
+
+def test_canary_share_within_binomial_tolerance():
+    router, n, p = _router(25.0), 4000, 0.25
+    canary = sum(router.resolve("legal", ACME).route == "canary" for _ in range(n))
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(canary - n * p) < 4 * sigma
+
+
+def test_sticky_users_get_one_version_and_share_holds_across_users():
+    router = _router(30.0)
+    for user in ("alice", "bob", "carol"):
+        versions = {router.resolve("legal", ACME, user).version for _ in range(50)}
+        assert len(versions) == 1
+    n = 4000
+    canary = sum(canary_bucket("legal", f"user-{i}") < 30.0 for i in range(n))
+    assert abs(canary - 0.3 * n) < 4 * math.sqrt(n * 0.3 * 0.7)
+
+
+def test_pinned_base_and_errors():
+    router = _router(100.0)
+    pinned = router.resolve("legal@7", ACME)
+    assert (pinned.adapter, pinned.version, pinned.route) == ("legal", "7", "pinned")
+    base = router.resolve("base", ACME)
+    assert (base.adapter, base.version, base.route) == ("", "", "base")
+    assert router.resolve(None, ACME).adapter == "legal"  # default adapter
+    forbidden = [pytest.raises(OpenAIError) for _ in range(2)]
+    with forbidden[0] as unknown:
+        router.resolve("secret", ACME)
+    with forbidden[1] as not_granted:
+        router.resolve("legal", _tenant(adapters=("sql",)))
+    assert unknown.value.status == not_granted.value.status == 403
+    assert unknown.value.body()["error"]["code"] == not_granted.value.body()["error"]["code"]
+    with pytest.raises(OpenAIError) as no_champion:
+        router.resolve("nochamp", ACME)
+    assert no_champion.value.status == 404
+    with pytest.raises(OpenAIError) as malformed:
+        router.resolve("legal@", ACME)
+    assert malformed.value.status == 400
+    wildcard = _tenant(adapters=("*",))
+    with pytest.raises(OpenAIError) as unknown_to_wildcard:
+        router.resolve("secret", wildcard)
+    assert unknown_to_wildcard.value.status == 403
+
+
+def test_registry_tenant_list_restricts_too():
+    router = Router(StaticRoutingSource.from_mapping({"legal": {"champion": "1", "tenants": ["other"]}}))
+    with pytest.raises(OpenAIError) as exc:
+        router.resolve("legal", ACME)
+    assert exc.value.status == 403
+
+
+# placement -------------------------------------------------------------------------------------
+shard_sets = st.lists(st.text("abcdefghij", min_size=1, max_size=6), min_size=2, max_size=8, unique=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shards=shard_sets, keys=st.integers(20, 300), eps=st.sampled_from([0.1, 0.25, 0.5]))
+def test_bounded_load_never_exceeded(shards, keys, eps):
+    ring = PlacementRing(shards, virtual_nodes=32, epsilon=eps, hot_inflight=10_000)
+    loads = {s: 0 for s in shards}
+    for i in range(keys):
+        pick = ring.choose(f"adapter{i % 17}@{i % 3}", loads)[0]
+        loads[pick] += 1
+        assert loads[pick] <= math.ceil((1 + eps) * (i + 1) / len(shards))
+
+
+@settings(max_examples=30, deadline=None)
+@given(shards=shard_sets, newcomer=st.text("klmnop", min_size=1, max_size=6))
+def test_adding_or_removing_a_shard_moves_about_one_nth(shards, newcomer):
+    keys = [f"adapter{i}@1" for i in range(600)]
+    ring = PlacementRing(shards, virtual_nodes=64)
+    before = {k: ring.owners(k)[0] for k in keys}
+    ring.add(newcomer)
+    after = {k: ring.owners(k)[0] for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(after[k] == newcomer for k in moved)  # only keys the newcomer took moved
+    assert len(moved) / len(keys) < 2.5 / (len(shards) + 1)
+    ring.remove(shards[0])
+    again = {k: ring.owners(k)[0] for k in keys}
+    assert all(again[k] == after[k] for k in keys if after[k] != shards[0])
+
+
+def test_hot_adapter_spreads_and_base_goes_to_least_loaded():
+    ring = PlacementRing(["a", "b", "c", "d"], hot_inflight=2)
+    order = ring.ring_order("legal@1")
+    loads = {s: 1 for s in "abcd"}
+    loads[order[1]] = 0
+    assert ring.choose("legal@1", loads, key_inflight=0)[0] == order[0]  # owner is under its bound
+    loads[order[0]] = 5
+    assert ring.choose("legal@1", loads)[0] != order[0]  # over (1+eps) x mean: spills
+    loads[order[0]] = 1
+    assert ring.choose("legal@1", loads, key_inflight=3)[0] == order[1]  # 2 replicas: the idle one serves
+    loads = {"a": 2, "b": 0, "c": 1, "d": 5}
+    assert ring.choose("", loads)[0] == "b"
+    assert sorted(ring.choose("legal@1", loads)) == ["a", "b", "c", "d"]  # full failover order
+
+
+# shadow ----------------------------------------------------------------------------------------
+def test_compare_outputs():
+    assert compare_outputs([1, 2, 3], [1, 2, 3], "abc", "abc") == (True, 1.0)
+    assert compare_outputs([1, 2, 3, 4], [1, 9, 3], "x", "y") == (False, 0.5)
+    assert compare_outputs([], [], "", "") == (True, 1.0)
+
+
+def test_recorder_writes_jsonl_aggregates_and_calls_sink(tmp_path):
+    calls = []
+    recorder = ShadowRecorder(tmp_path / "s.jsonl", recent_pairs=3, on_aggregate=lambda *a: calls.append(a), aggregate_every=2)
+    for i in range(4):
+        recorder.record(ShadowPair(f"r{i}", "acme", "legal", "1", "2", "a", "a" if i % 2 else "b", bool(i % 2), 1.0 if i % 2 else 0.0, 10.0, 20.0, 0.0))
+    lines = (tmp_path / "s.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and '"request_id": "r0"' in lines[0]
+    agg = recorder.aggregates("legal")["legal@2"]
+    assert agg["shadow_pairs"] == 4 and agg["shadow_exact_match_rate"] == 0.5 and agg["shadow_latency_ms"] == 20.0
+    assert [c[:2] for c in calls] == [("legal", "2"), ("legal", "2")] and len(recorder.recent("legal")) == 3
+
+
+# errors ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "code,status",
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.NOT_FOUND, 404),
+        (grpc.StatusCode.FAILED_PRECONDITION, 503),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 503),
+        (grpc.StatusCode.UNAVAILABLE, 503),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    ],
+)
+def test_grpc_code_mapping(code, status):
+    error = from_grpc(code, "details", "legal")
+    assert error.status == status
+    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+    if status == 503:
+        assert error.headers["retry-after"]
+
+
+# settings --------------------------------------------------------------------------------------
+def test_settings_from_file_and_env(tmp_path):
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("gateway:\n  port: 9001\n  shard_addresses: [a:1, b:2]\n  static_routes: {legal: '3'}\n")
+    s = GatewaySettings.load(cfg, {"LORAPLEX_GATEWAY_PORT": "9002", "LORAPLEX_GATEWAY_SHADOW_SAMPLE_SHARE": "0.5"})
+    assert s.port == 9002 and s.shard_addresses == ("a:1", "b:2") and s.shadow_sample_share == 0.5
+    toml = tmp_path / "g.toml"
+    toml.write_text('shard_dns = "shards.svc"\nmax_tokens_limit = 5\n')
+    assert GatewaySettings.load(toml, {}).shard_dns == "shards.svc"
+    with pytest.raises(SettingsError, match="unknown"):
+        GatewaySettings.from_mapping({"nope": 1})
+    with pytest.raises(SettingsError):
+        GatewaySettings.from_mapping({"port": "eighty"})
+
+
+def test_tenants_file_text_writes_only_hashes():
+    from gateway.tenants import tenants_file_text
+
+    text = tenants_file_text("adm", [{"name": "demo", "keys": ["demo-key"], "adapters": ["*"], "limits": {"concurrent_requests": 4}}])
+    assert "demo-key" not in text and "adm\n" not in text
+    config = parse_tenants(text)
+    assert config.admin_key_sha256 == sha256_hex("adm") and config.tenants[0].key_sha256 == (sha256_hex("demo-key"),)
+    with pytest.raises(TenantsFileError):
+        tenants_file_text(None, [{"name": "x", "keys": ["k"], "adapters": ["a"], "default_adapter": "b"}])
+
+
+def test_prompt_token_limit_uses_the_configured_tokenizer(tmp_path):
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from gateway.completions import PromptMeasure
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}))
+    measure = PromptMeasure(max_chars=1000, max_tokens=3, tokenizer_dir=str(tmp_path))
+    measure.check("a b a", "prompt")
+    with pytest.raises(OpenAIError) as exc:
+        measure.check("a b a b", "prompt")
+    assert exc.value.status == 400 and "4 tokens" in exc.value.message
+    with pytest.raises(OpenAIError):
+        PromptMeasure(max_chars=3).check("abcd", "prompt")
