@@ -1,0 +1,62 @@
+"""Where the shard's adapter cache gets adapter folders: the MLflow registry, or local folders.
+
+The registry package is imported only when a registry is configured, so a shard serving local
+adapters (tests, single-host demos) does not need MLflow at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shard.lora import AdapterError, AdapterKey, AdapterNotFoundError, AdapterRejectedError, LocalAdapterSource
+
+
+class RegistryUnavailableError(AdapterError):
+    """The registry did not answer; the next request for the adapter tries again."""
+
+
+class RegistryAdapterSource:
+    """Downloads an adapter version through ``registry.AdapterRegistry.fetch`` (sha256-verified,
+    content-addressed cache) and refuses versions published for another base model."""
+
+    def __init__(self, tracking_uri: str, cache_dir: Path, base_fingerprint: str | None, max_rank: int = 64) -> None:
+        from registry import AdapterRegistry
+
+        self._registry = AdapterRegistry(tracking_uri, Path(cache_dir), max_rank)
+        self._base_fingerprint = base_fingerprint or None
+
+    def fetch(self, key: AdapterKey) -> Path:
+        import registry
+
+        if not key.version:
+            raise AdapterNotFoundError(f"adapter {key.name!r}: a registry version is required")
+        try:
+            return Path(
+                self._registry.fetch(key.name, key.version, expected_base_fingerprint=self._base_fingerprint)
+            )
+        except registry.AdapterNotFound as exc:
+            raise AdapterNotFoundError(f"adapter {key}: {exc}") from exc
+        except registry.AdapterRejected as exc:
+            raise AdapterRejectedError(f"adapter {key}: {exc}") from exc
+        except registry.RegistryError as exc:  # unavailable, or any other registry failure
+            raise RegistryUnavailableError(f"adapter {key}: registry error: {exc}") from exc
+
+
+def base_model_fingerprint(model_dir: Path) -> str:
+    """The registry's fingerprint of the base model, or "" when the registry package is absent
+    (a shard on local adapters only)."""
+    try:
+        from registry import base_model_fingerprint as fingerprint
+    except ImportError:
+        return ""
+    return fingerprint(Path(model_dir))
+
+
+def adapter_source_for(settings, base_fingerprint: str):
+    """The source the settings ask for, or None when the shard serves the base model only."""
+    if settings.adapter_dirs:
+        return LocalAdapterSource({name: Path(path) for name, path in settings.adapter_dirs.items()})
+    if settings.registry_tracking_uri:
+        return RegistryAdapterSource(
+            settings.registry_tracking_uri, Path(settings.adapter_cache_dir), base_fingerprint, settings.max_rank
+        )
+    return None

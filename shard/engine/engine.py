@@ -1,0 +1,489 @@
+"""The continuous-batching engine: one thread that, at every step, admits waiting requests,
+prefills them (in chunks, batched), decodes every running request in one forward, and retires
+finished ones. Rows of one forward may use different LoRA adapters (``LoraRuntime``); requests
+whose adapter is not on a device slot yet wait without stalling the others."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shard.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from shard.engine.errors import (
+    EngineClosedError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
+from shard.engine.kv_cache import SlotKVCache
+from shard.engine.requests import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    RequestHandle,
+    Usage,
+)
+from shard.engine.sampling import RowSampler, sample_batch
+from shard.engine.scheduler import PrefillChunk, Scheduler
+
+log = logging.getLogger(__name__)
+
+# How long a request waits before asking the adapter cache again about an adapter that is
+# still loading, when no "ready" notification arrived (the cache may not have listeners).
+_ADAPTER_RETRY_S = 0.05
+_THROUGHPUT_WINDOW_S = 10.0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    queued: int
+    queue_capacity: int
+    max_batch_size: int
+    max_context: int
+    requests_completed: int
+    tokens_generated: int
+    decode_tokens_per_s: float
+
+
+class _Sequence:
+    """One request inside the engine."""
+
+    def __init__(self, request, handle, prompt_ids, max_tokens, sampler, detokenizer, stops) -> None:
+        self.request = request
+        self.handle = handle
+        self.prompt_ids: list[int] = prompt_ids
+        self.max_tokens = max_tokens
+        self.sampler = sampler
+        self.detokenizer = detokenizer
+        self.stops = stops
+        self.generated: list[int] = []
+        self.unsent_ids: list[int] = []
+        self.unsent_logits: list[torch.Tensor] = []
+        self.sent_first = False
+        self.row: int | None = None
+        self.prefilled = 0
+        self.slot = -1  # adapter slot on the device; -1 = base model
+        self.holds_adapter = False
+        self.done = False
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        max_context: int = 2048,
+        default_max_tokens: int = 256,
+        prefill_chunk_tokens: int = 512,
+        lora_runtime=None,
+        adapter_cache=None,
+        record_logits: bool = False,
+        initial_kv_columns: int | None = 256,
+    ) -> None:
+        attention = str(getattr(model.config, "_attn_implementation", "") or "")
+        if attention.startswith("flash") or "paged" in attention:
+            # These kernels ignore a 4D mask; rows of different lengths would attend to garbage.
+            raise ValueError(f"attention implementation {attention!r} is not supported; use sdpa or eager")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_context = self._context_limit(model, max_context)
+        self.default_max_tokens = default_max_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.lora_runtime = lora_runtime
+        self.adapter_cache = adapter_cache
+        self.record_logits = record_logits
+        embeddings = model.get_input_embeddings().weight
+        self.device = embeddings.device
+        self.cache = SlotKVCache.for_model(
+            model,
+            max_batch=max_batch_size,
+            max_context=self.max_context,
+            dtype=embeddings.dtype,
+            initial_context=initial_kv_columns,
+        )
+        self.scheduler = Scheduler(max_batch=max_batch_size, max_queue=max_queue, rows=self.cache)
+        self.eos_ids = self._eos_ids(model, tokenizer)
+        self._lock = threading.Condition()
+        self._cancelled: list[_Sequence] = []
+        self._adapter_retry_at: dict[Any, float] = {}
+        self._closed = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._completed = 0
+        self._tokens = 0
+        self._decode_window: deque[tuple[float, float, int]] = deque()  # (end time, seconds, tokens)
+        if adapter_cache is not None and hasattr(adapter_cache, "add_listener"):
+            adapter_cache.add_listener(self._on_adapter_event)
+
+    # --- set-up helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def _context_limit(model, requested: int) -> int:
+        config = model.config
+        limit = requested
+        for name in ("max_position_embeddings", "sliding_window"):
+            value = getattr(config, name, None)
+            # The mask this engine builds is fully causal: never let a context outgrow a window.
+            if isinstance(value, int) and value > 0 and (name != "sliding_window" or getattr(config, "use_sliding_window", True)):
+                limit = min(limit, value)
+        return limit
+
+    @staticmethod
+    def _eos_ids(model, tokenizer) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Take no new requests; running and queued ones finish."""
+        with self._lock:
+            self._closed = True
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop; requests still in flight are cancelled."""
+        with self._lock:
+            self._closed = True
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def drain(self, timeout: float) -> bool:
+        """Close, then wait up to ``timeout`` s for running and queued requests to finish."""
+        self.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.scheduler.running == 0 and not self.scheduler.waiting:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    # --- submission ----------------------------------------------------------------------------
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
+        if sum(given) != 1:
+            raise InvalidRequestError("give exactly one of prompt, messages or prompt_ids")
+        if request.prompt_ids is not None:
+            ids = [int(t) for t in request.prompt_ids]
+            vocab = self.model.get_input_embeddings().weight.shape[0]
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError("prompt_ids contains ids outside the vocabulary")
+        elif request.messages is not None:
+            if not request.messages:
+                raise InvalidRequestError("messages is empty")
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidRequestError("the base model's tokenizer has no chat template")
+            text = self.tokenizer.apply_chat_template(
+                list(request.messages), add_generation_prompt=True, tokenize=False
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        return ids
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request. Raises InvalidRequestError / PromptTooLongError / QueueFullError /
+        EngineClosedError at once; adapter errors arrive through the handle's iteration."""
+        options = request.sampling
+        options.validate()
+        if request.adapter is not None and self.adapter_cache is None:
+            raise InvalidRequestError("this shard serves the base model only")
+        prompt_ids = self.tokenize(request)
+        room = self.max_context - len(prompt_ids)
+        if room < 1:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_context}"
+            )
+        max_tokens = min(options.max_tokens or self.default_max_tokens, room)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = RequestHandle(request.request_id, len(prompt_ids), max_tokens, loop, self._cancel)
+        sequence = _Sequence(
+            request,
+            handle,
+            prompt_ids,
+            max_tokens,
+            RowSampler(options, self.device),
+            IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            StopStringMatcher(options.stop),
+        )
+        handle._sequence = sequence
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the shard is shutting down")
+            self.scheduler.enqueue(sequence)
+            self._lock.notify_all()
+        return handle
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._lock:
+            self._cancelled.append(handle._sequence)
+            self._lock.notify_all()
+
+    def _on_adapter_event(self, *args, **kwargs) -> None:
+        with self._lock:
+            self._adapter_retry_at.clear()
+            self._lock.notify_all()
+
+    # --- stats ---------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            now = time.monotonic()
+            window = [w for w in self._decode_window if now - w[0] <= _THROUGHPUT_WINDOW_S]
+            seconds = sum(w[1] for w in window)
+            tokens = sum(w[2] for w in window)
+            return EngineStats(
+                running=self.scheduler.running,
+                queued=len(self.scheduler.waiting),
+                queue_capacity=self.scheduler.max_queue,
+                max_batch_size=self.scheduler.max_batch,
+                max_context=self.max_context,
+                requests_completed=self._completed,
+                tokens_generated=self._tokens,
+                decode_tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+            )
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._stop and not self._has_work():
+                        self._lock.wait(timeout=_ADAPTER_RETRY_S if self.scheduler.waiting else None)
+                    if self._stop:
+                        break
+                try:
+                    self.run_once()
+                except Exception:  # a step must never kill the loop; its requests were failed
+                    log.exception("engine step failed")
+            with self._lock:
+                for sequence in list(self.scheduler.waiting) + self.scheduler.prefilling + self.scheduler.decoding:
+                    if not sequence.done:
+                        self._finish(sequence, FinishReason.CANCELLED)
+
+    def run_once(self) -> bool:
+        """One iteration of the loop: retire cancelled requests, admit waiting ones, prefill,
+        decode. The engine thread calls it; tests call it directly on an engine never started,
+        to control exactly when requests join. Returns whether any request is still in flight."""
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, []
+            for sequence in cancelled:
+                if not sequence.done:
+                    self._finish(sequence, FinishReason.CANCELLED)
+            self.scheduler.admit(self._try_start)
+        with torch.inference_mode():
+            self.step()
+        with self._lock:
+            return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def _has_work(self) -> bool:
+        if self._cancelled or self.scheduler.running:
+            return True
+        if self.scheduler.waiting and self.scheduler.free_rows:
+            now = time.monotonic()
+            return any(self._adapter_retry_at.get(s.request.adapter, 0) <= now for s in self.scheduler.waiting)
+        return False
+
+    def _try_start(self, sequence: _Sequence) -> bool:
+        key = sequence.request.adapter
+        if key is None:
+            sequence.slot = -1
+            return True
+        if self._adapter_retry_at.get(key, 0) > time.monotonic():
+            return False
+        slot = self.adapter_cache.try_acquire(key)
+        if slot is not None:
+            self._adapter_retry_at.pop(key, None)
+            sequence.slot = slot
+            sequence.holds_adapter = True
+            return True
+        error = self.adapter_cache.load_error(key)
+        if error is not None:
+            # One attempt per request: the next request for this adapter tries again.
+            clear = getattr(self.adapter_cache, "clear_error", None)
+            if clear is not None:
+                clear(key)
+            self._adapter_retry_at.pop(key, None)
+            self.scheduler.remove_waiting(sequence)
+            self._fail(sequence, error)
+            return False
+        self._adapter_retry_at[key] = time.monotonic() + _ADAPTER_RETRY_S
+        return False
+
+    def step(self) -> None:
+        """One iteration: a prefill forward for staged requests (if any), then one decode
+        forward over every decoding request."""
+        chunks = self.scheduler.prefill_chunks(self.prefill_chunk_tokens)
+        if chunks:
+            self._prefill(chunks)
+        if self.scheduler.decoding:
+            self._decode()
+
+    def _forward(self, sequences: list[_Sequence], rows: list[int], inputs: list[list[int]]) -> torch.Tensor:
+        plan = self.cache.plan(rows, [len(x) for x in inputs])
+        width = max(len(x) for x in inputs)
+        pad = 0
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in inputs], device=self.device)
+        if self.lora_runtime is not None:
+            slots = torch.tensor([s.slot for s in sequences], dtype=torch.long, device=self.device)
+            self.lora_runtime.set_batch_slots(slots)
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=plan.attention_mask,
+                position_ids=plan.position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except BaseException:
+            self.cache.abort()
+            raise
+        finally:
+            if self.lora_runtime is not None:
+                self.lora_runtime.clear_batch_slots()
+        self.cache.commit()
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, chunks: list[PrefillChunk]) -> None:
+        sequences = [c.sequence for c in chunks]
+        try:
+            logits = self._forward(
+                sequences,
+                [s.row for s in sequences],
+                [c.sequence.prompt_ids[c.start : c.start + c.count] for c in chunks],
+            )
+        except Exception as error:
+            with self._lock:
+                for s in sequences:
+                    self._fail(s, error)
+            raise
+        done = [(i, c.sequence) for i, c in enumerate(chunks) if c.completes]
+        for c in chunks:
+            c.sequence.prefilled += c.count
+        if not done:
+            return
+        tokens = sample_batch(logits[[i for i, _ in done]], [s.sampler for _, s in done])
+        with self._lock:
+            for (i, sequence), token in zip(done, tokens):
+                if sequence.done:
+                    continue
+                self.scheduler.prefill_done(sequence)
+                self._append(sequence, token, logits[i])
+
+    def _decode(self) -> None:
+        sequences = list(self.scheduler.decoding)
+        started = time.perf_counter()
+        try:
+            logits = self._forward(
+                sequences, list(range(len(sequences))), [[s.generated[-1]] for s in sequences]
+            )
+        except Exception as error:
+            with self._lock:
+                for s in sequences:
+                    self._fail(s, error)
+            raise
+        tokens = sample_batch(logits, [s.sampler for s in sequences])
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            now = time.monotonic()
+            self._decode_window.append((now, elapsed, len(sequences)))
+            while self._decode_window and now - self._decode_window[0][0] > _THROUGHPUT_WINDOW_S:
+                self._decode_window.popleft()
+            for i, (sequence, token) in enumerate(zip(sequences, tokens)):
+                if not sequence.done:
+                    self._append(sequence, token, logits[i])
+
+    # --- per-token bookkeeping (called with the lock held) --------------------------------------
+
+    def _append(self, sequence: _Sequence, token: int, logits: torch.Tensor) -> None:
+        sequence.generated.append(token)
+        self._tokens += 1
+        if self.record_logits:
+            sequence.unsent_logits.append(logits.detach().cpu())
+        if token in self.eos_ids:
+            self._finish(sequence, FinishReason.STOP)
+            return
+        sequence.unsent_ids.append(token)
+        released = sequence.stops.feed(sequence.detokenizer.add(token))
+        if released.stopped:
+            self._send(sequence, released.text)
+            self._finish(sequence, FinishReason.STOP, flush=False)
+        elif len(sequence.generated) >= sequence.max_tokens:
+            self._send(sequence, released.text)
+            self._finish(sequence, FinishReason.LENGTH)
+        elif released.text:
+            self._send(sequence, released.text)
+
+    def _send(self, sequence: _Sequence, text: str, finish: FinishReason | None = None) -> None:
+        usage = None
+        if finish is not None:
+            usage = Usage(len(sequence.prompt_ids), len(sequence.generated))
+        elif not text and not sequence.unsent_ids:
+            return
+        chunk = GenerationChunk(
+            text=text,
+            token_ids=tuple(sequence.unsent_ids),
+            finish_reason=finish,
+            usage=usage,
+            adapter=None if sequence.sent_first else sequence.request.adapter,
+            logits=torch.stack(sequence.unsent_logits) if sequence.unsent_logits else None,
+        )
+        sequence.unsent_ids = []
+        sequence.unsent_logits = []
+        sequence.sent_first = True
+        sequence.handle._emit(chunk)
+
+    def _finish(self, sequence: _Sequence, reason: FinishReason, flush: bool = True) -> None:
+        tail = ""
+        if flush and reason is not FinishReason.CANCELLED:
+            released = sequence.stops.feed(sequence.detokenizer.flush())
+            tail = released.text if released.stopped else released.text + sequence.stops.flush()
+        self._release(sequence)
+        self._completed += 1
+        self._send(sequence, tail, finish=reason)
+
+    def _fail(self, sequence: _Sequence, error: BaseException) -> None:
+        self._release(sequence)
+        sequence.handle._fail(error)
+
+    def _release(self, sequence: _Sequence) -> None:
+        if sequence.done:
+            return
+        sequence.done = True
+        self.scheduler.retire(sequence)
+        if sequence.holds_adapter:
+            sequence.holds_adapter = False
+            self.adapter_cache.release(sequence.request.adapter)

@@ -1,0 +1,111 @@
+"""A projection that serves many adapters in one forward pass."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shard.lora.batch_plan import BatchPlan
+from shard.lora.slot_pool import AdapterSlotPool
+
+
+class BatchSlots:
+    """The current step's plan, shared by every MultiLoraLinear of one model. Set by the engine
+    thread before a forward pass; there is no per-adapter global state."""
+
+    def __init__(self) -> None:
+        self.plan: BatchPlan | None = None
+
+
+class MultiLoraLinear(nn.Module):
+    """Runs the wrapped base layer (nn.Linear, bnb Linear4bit or Linear8bitLt) once for the whole
+    batch, then adds each row's low-rank delta from its slot: out[b] += (x[b] @ A[s].T) @ B'[s].T,
+    with B' = scaling * B stored transposed in the pool."""
+
+    def __init__(
+        self,
+        name: str,
+        base_layer: nn.Module,
+        pool: AdapterSlotPool,
+        batch_slots: BatchSlots,
+        decode_kernel=None,
+    ):
+        super().__init__()
+        self.name = name
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self._pool = pool
+        self._batch_slots = batch_slots
+        # The compiled CPU kernel (shard.lora.cpu_kernel) or None; used for fp32 decode steps.
+        self._decode_kernel = decode_kernel
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        plan = self._batch_slots.plan
+        if plan is None or not plan.groups:
+            return out
+        batch = x.shape[0]
+        if batch != plan.batch_size:
+            raise RuntimeError(
+                f"{self.name}: input batch {batch} does not match the {plan.batch_size} slot ids set for this step"
+            )
+        x3 = x.reshape(batch, -1, self.in_features)
+        out3 = out.view(batch, -1, self.out_features)
+        if self._decode_kernel is not None and self._kernel_fits(x3, out3):
+            self._add_deltas_compiled(plan, x3.contiguous(), out3)
+        else:
+            self._add_deltas_torch(plan, x3, out3)
+        return out
+
+    @staticmethod
+    def _kernel_fits(x3: torch.Tensor, out3: torch.Tensor) -> bool:
+        # Decode steps (one token per row) on CPU with fp32 activations; prefill is compute-bound
+        # and runs faster as batched GEMMs.
+        return (
+            x3.shape[1] == 1
+            and x3.device.type == "cpu"
+            and x3.dtype == torch.float32
+            and out3.dtype == torch.float32
+            and out3.is_contiguous()
+        )
+
+    def _add_deltas_compiled(self, plan: BatchPlan, x3: torch.Tensor, out3: torch.Tensor) -> None:
+        pool_a, pool_b = self._pool.a[self.name], self._pool.b_t[self.name]
+        for group in plan.groups:
+            if self.name in group.modules:
+                self._decode_kernel.lora_delta_add_(out3, x3, pool_a, pool_b, group.row_index, group.slots, group.rank)
+
+    def _add_deltas_torch(self, plan: BatchPlan, x3: torch.Tensor, out3: torch.Tensor) -> None:
+        """Device-agnostic path: gather each group's factors (only the first `rank` rows of each
+        slot), two batched matmuls, add into the base output."""
+        pool_a, pool_b = self._pool.a[self.name], self._pool.b_t[self.name]
+        compute_dtype = pool_a.dtype
+        if x3.dtype != compute_dtype:
+            x3 = x3.to(compute_dtype)
+        for group in plan.groups:
+            if self.name not in group.modules:
+                continue
+            a = pool_a[:, : group.rank].index_select(0, group.slots)
+            b_t = pool_b[:, : group.rank].index_select(0, group.slots)
+            xs = x3 if group.rows is None else x3.index_select(0, group.rows)
+            hidden = torch.bmm(xs, a.transpose(1, 2))
+            if group.rows is None and out3.dtype == compute_dtype:
+                out3.baddbmm_(hidden, b_t)
+            else:
+                delta = torch.bmm(hidden, b_t).to(out3.dtype)
+                if group.rows is None:
+                    out3.add_(delta)
+                else:
+                    out3.index_add_(0, group.rows, delta)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, in={self.in_features}, out={self.out_features}, slots={self._pool.num_slots}"

@@ -1,0 +1,115 @@
+// Decode-time LoRA delta on CPU, reading each row's adapter factors in place from the slot pool.
+// out[row, t, :] += (A[slot, :rank, :] @ x[row, t, :]) @ Bt[slot, :rank, :]
+// Stock ops must first gather every row's A and B into new tensors (write + re-read of about the
+// base weights' bytes at 32 distinct adapters); this reads them once. Pools may be fp32 or bf16
+// (converted to fp32 in registers; accumulation is fp32).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+// 16 pool elements widened to fp32 in registers (bf16 -> fp32 is a 16-bit shift).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+#endif
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// sum_k row[k] * x[k]
+template <typename pool_t>
+inline float dot(const pool_t* row, const float* x, int64_t n) {
+  int64_t k = 0;
+  float acc = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; k + 32 <= n; k += 32) {
+    acc0 = _mm512_fmadd_ps(load16(row + k), _mm512_loadu_ps(x + k), acc0);
+    acc1 = _mm512_fmadd_ps(load16(row + k + 16), _mm512_loadu_ps(x + k + 16), acc1);
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+  for (; k < n; ++k) acc += to_float(row[k]) * x[k];
+  return acc;
+}
+
+// y[k] += h * row[k]
+template <typename pool_t>
+inline void axpy(float* y, float h, const pool_t* row, int64_t n) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512 hv = _mm512_set1_ps(h);
+  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(y + k, _mm512_fmadd_ps(hv, load16(row + k), _mm512_loadu_ps(y + k)));
+#endif
+  for (; k < n; ++k) y[k] += h * to_float(row[k]);
+}
+
+template <typename pool_t>
+void delta_rows(float* out, const float* x, const pool_t* a, const pool_t* bt, const int64_t* rows,
+                const int64_t* slots, int64_t groups, int64_t tokens, int64_t rank, int64_t in_f,
+                int64_t out_f, int64_t pool_rank, int64_t x_row_stride, int64_t out_row_stride) {
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> hidden(rank);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t row = rows[g];
+      const pool_t* a_slot = a + slots[g] * pool_rank * in_f;
+      const pool_t* b_slot = bt + slots[g] * pool_rank * out_f;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float* xr = x + row * x_row_stride + t * in_f;
+        float* yr = out + row * out_row_stride + t * out_f;
+        for (int64_t j = 0; j < rank; ++j) hidden[j] = dot(a_slot + j * in_f, xr, in_f);
+        for (int64_t j = 0; j < rank; ++j) axpy(yr, hidden[j], b_slot + j * out_f, out_f);
+      }
+    }
+  });
+}
+
+void lora_delta_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a_pool, torch::Tensor bt_pool,
+                     torch::Tensor rows, torch::Tensor slots, int64_t rank) {
+  TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat, "fp32 activations only");
+  TORCH_CHECK(out.dim() == 3 && x.dim() == 3 && out.is_contiguous() && x.is_contiguous(), "[B, T, F] contiguous");
+  TORCH_CHECK(a_pool.is_contiguous() && bt_pool.is_contiguous(), "pools must be contiguous");
+  TORCH_CHECK(a_pool.scalar_type() == bt_pool.scalar_type(), "pool dtypes differ");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && slots.scalar_type() == torch::kLong, "int64 indices");
+  TORCH_CHECK(rows.numel() == slots.numel(), "one slot per row");
+  const int64_t pool_rank = a_pool.size(1), in_f = a_pool.size(2), out_f = bt_pool.size(2);
+  TORCH_CHECK(rank >= 0 && rank <= pool_rank, "rank outside the pool");
+  TORCH_CHECK(x.size(2) == in_f && out.size(2) == out_f && x.size(1) == out.size(1), "shape mismatch");
+  const int64_t groups = rows.numel(), tokens = x.size(1);
+  auto rows_c = rows.contiguous();
+  auto slots_c = slots.contiguous();
+  if (a_pool.scalar_type() == torch::kFloat) {
+    delta_rows<float>(out.data_ptr<float>(), x.data_ptr<float>(), a_pool.data_ptr<float>(),
+                      bt_pool.data_ptr<float>(), rows_c.data_ptr<int64_t>(), slots_c.data_ptr<int64_t>(), groups,
+                      tokens, rank, in_f, out_f, pool_rank, tokens * in_f, tokens * out_f);
+  } else {
+    TORCH_CHECK(a_pool.scalar_type() == torch::kBFloat16, "pools must be fp32 or bf16");
+    delta_rows<uint16_t>(out.data_ptr<float>(), x.data_ptr<float>(),
+                         reinterpret_cast<const uint16_t*>(a_pool.data_ptr<at::BFloat16>()),
+                         reinterpret_cast<const uint16_t*>(bt_pool.data_ptr<at::BFloat16>()),
+                         rows_c.data_ptr<int64_t>(), slots_c.data_ptr<int64_t>(), groups, tokens, rank, in_f,
+                         out_f, pool_rank, tokens * in_f, tokens * out_f);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora_delta_add_", &lora_delta_add_, "out[rows] += (x[rows] @ A[slots, :rank].T) @ Bt[slots, :rank]");
+}

@@ -1,0 +1,483 @@
+"""Adapters in tiers: device slots (the runtime's pool), host memory, local disk, then the source.
+
+Everything slow — fetching, parsing, validating, copying into a slot — runs on loader threads.
+`try_acquire` only looks at state under a lock, so the decoding loop never waits for a load: it
+asks again next step, or is woken by a listener. Each tier evicts least-recently-used; on the
+device an adapter with running requests (refcount > 0) or a pin is never evicted, and a load that
+finds every slot held waits until one is released."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from shard.lora.errors import AdapterError, AdapterInUseError, AdapterLoadTimeout, AdapterRejectedError
+from shard.lora.keys import AdapterKey
+from shard.lora.peft_adapter import CONFIG_FILE, WEIGHTS_FILE, HostAdapter, read_peft_adapter
+from shard.lora.runtime import LoraRuntime
+from shard.lora.sources import AdapterSource
+
+log = logging.getLogger(__name__)
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+_LOAD_TIME_WINDOW = 1000
+
+Listener = Callable[[AdapterKey, "Exception | None"], None]
+
+
+@dataclass
+class AdapterInfo:
+    """Mirrors protos.shard_pb2.AdapterInfo."""
+
+    adapter: AdapterKey
+    tier: str
+    rank: int
+    target_modules: list[str]
+    pinned: bool
+    active_requests: int
+    size_bytes: int
+    load_ms: float
+    sha256: str
+    last_used_unix_ms: int
+
+
+@dataclass
+class TierStats:
+    """Mirrors protos.shard_pb2.TierStats. capacity 0 = unbounded (the disk tier)."""
+
+    tier: str
+    capacity: int
+    used: int
+    hits: int
+    misses: int
+    evictions: int
+    load_ms_p50: float
+    load_ms_p95: float
+
+
+@dataclass
+class _TierCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_ms: deque = field(default_factory=lambda: deque(maxlen=_LOAD_TIME_WINDOW))
+
+    def percentile(self, q: float) -> float:
+        if not self.load_ms:
+            return 0.0
+        ordered = sorted(self.load_ms)
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+@dataclass
+class _Entry:
+    key: AdapterKey
+    disk_path: Path | None = None
+    host: HostAdapter | None = None
+    slot: int | None = None
+    refcount: int = 0
+    pinned: bool = False
+    pin_on_load: bool = False
+    loading: bool = False
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    last_used: int = 0
+    last_used_unix_ms: int = 0
+    load_ms: dict[str, float] = field(default_factory=dict)
+    rank: int = 0
+    target_modules: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+    sha256: str = ""
+
+
+class CacheClosedError(AdapterError):
+    """The cache is shutting down; no more loads."""
+
+
+class TieredAdapterCache:
+    def __init__(
+        self,
+        runtime: LoraRuntime,
+        source: AdapterSource,
+        *,
+        host_capacity: int,
+        disk_dir: Path | None = None,
+        loader_threads: int = 1,
+    ):
+        if host_capacity < 0:
+            raise ValueError(f"host_capacity must be >= 0, got {host_capacity}")
+        if loader_threads < 1:
+            raise ValueError(f"loader_threads must be >= 1, got {loader_threads}")
+        self._runtime = runtime
+        self._pool = runtime.pool
+        self._source = source
+        self._host_capacity = host_capacity
+        self._disk_dir = Path(disk_dir) if disk_dir is not None else None
+        self._lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._lock)
+        self._entries: dict[AdapterKey, _Entry] = {}
+        self._slot_owner: list[AdapterKey | None] = [None] * self._pool.num_slots
+        self._reserved_slots: set[int] = set()
+        self._host_lru: OrderedDict[AdapterKey, None] = OrderedDict()
+        self._counters = {tier: _TierCounters() for tier in (DEVICE, HOST, DISK)}
+        self._clock = itertools.count(1)
+        self._listeners: list[Listener] = []
+        self._queue: queue.Queue[AdapterKey | None] = queue.Queue()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._loader_loop, name=f"adapter-loader-{i}", daemon=True)
+            for i in range(loader_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # ---- the engine's calls (never block on I/O) ----
+
+    def try_acquire(self, key: AdapterKey) -> int | None:
+        """Slot id of `key` with one more active request, or None while it loads (or failed:
+        see `load_error`). The first miss schedules one background load."""
+        _check_key(key)
+        with self._lock:
+            entry = self._entry(key)
+            if entry.slot is not None:
+                entry.refcount += 1
+                self._touch(entry)
+                self._counters[DEVICE].hits += 1
+                return entry.slot
+            if entry.error is None and not entry.loading:
+                self._counters[DEVICE].misses += 1
+                self._schedule(entry)
+            return None
+
+    def release(self, key: AdapterKey) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.refcount == 0:
+                raise ValueError(f"adapter {key} is not acquired")
+            entry.refcount -= 1
+            self._touch(entry)
+            self._slot_freed.notify_all()
+
+    def load_error(self, key: AdapterKey) -> Exception | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry.error if entry is not None else None
+
+    def clear_error(self, key: AdapterKey) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.error = None
+
+    def add_listener(self, callback: Listener) -> None:
+        """`callback(key, error)` runs on a loader thread when a load finishes (error None = ready)."""
+        with self._lock:
+            self._listeners.append(callback)
+
+    # ---- the admin calls ----
+
+    def load(self, key: AdapterKey, pin: bool = False, timeout: float | None = None) -> AdapterInfo:
+        """Bring `key` into a device slot and wait for it; retries a previously failed load."""
+        _check_key(key)
+        with self._lock:
+            entry = self._entry(key)
+            entry.error = None
+            if entry.slot is not None:
+                self._counters[DEVICE].hits += 1
+                self._touch(entry)
+                entry.pinned = entry.pinned or pin
+                return self._info(entry)
+            entry.pin_on_load = entry.pin_on_load or pin
+            if not entry.loading:
+                self._counters[DEVICE].misses += 1
+                self._schedule(entry)
+            done = entry.done
+        if not done.wait(timeout):
+            raise AdapterLoadTimeout(f"adapter {key} did not load within {timeout} s (still loading)")
+        with self._lock:
+            if entry.error is not None:
+                raise entry.error
+            return self._info(entry)
+
+    def unload(self, key: AdapterKey) -> bool:
+        """Drop `key` from the device and host tiers (its disk copy stays). False if it was not
+        cached. Raises AdapterInUseError while requests use it or a load of it is under way."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            if entry.refcount > 0:
+                raise AdapterInUseError(f"adapter {key} is used by {entry.refcount} running request(s)")
+            if entry.loading:
+                raise AdapterInUseError(f"adapter {key} is being loaded; unload it after the load finishes")
+            removed = False
+            if entry.slot is not None:
+                self._slot_owner[entry.slot] = None
+                self._pool.clear(entry.slot)
+                entry.slot = None
+                removed = True
+                self._slot_freed.notify_all()
+            if entry.host is not None:
+                self._host_lru.pop(key, None)
+                entry.host = None
+                removed = True
+            entry.pinned = entry.pin_on_load = False
+            entry.error = None
+            if entry.disk_path is None:
+                del self._entries[key]
+            return removed
+
+    def unpin(self, key: AdapterKey) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.pinned = entry.pin_on_load = False
+                self._slot_freed.notify_all()
+
+    def adapters(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [
+                self._info(e)
+                for e in sorted(self._entries.values(), key=lambda e: (e.key.name, e.key.version))
+                if e.slot is not None or e.host is not None or e.disk_path is not None
+            ]
+
+    def tier_stats(self) -> list[TierStats]:
+        with self._lock:
+            used = {
+                DEVICE: sum(owner is not None for owner in self._slot_owner),
+                HOST: len(self._host_lru),
+                DISK: sum(e.disk_path is not None for e in self._entries.values()),
+            }
+            capacity = {DEVICE: self._pool.num_slots, HOST: self._host_capacity, DISK: 0}
+            return [
+                TierStats(
+                    tier=tier,
+                    capacity=capacity[tier],
+                    used=used[tier],
+                    hits=c.hits,
+                    misses=c.misses,
+                    evictions=c.evictions,
+                    load_ms_p50=c.percentile(0.50),
+                    load_ms_p95=c.percentile(0.95),
+                )
+                for tier, c in self._counters.items()
+            ]
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._closed = True
+            self._slot_freed.notify_all()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def __enter__(self) -> "TieredAdapterCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals; methods named _locked_* expect self._lock held ----
+
+    def _entry(self, key: AdapterKey) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(key)
+        return entry
+
+    def _touch(self, entry: _Entry) -> None:
+        entry.last_used = next(self._clock)
+        entry.last_used_unix_ms = int(time.time() * 1000)
+
+    def _schedule(self, entry: _Entry) -> None:
+        if self._closed:
+            entry.error = CacheClosedError("the adapter cache is closed")
+            entry.done.set()
+            return
+        entry.loading = True
+        entry.done = threading.Event()
+        self._queue.put(entry.key)
+
+    def _info(self, entry: _Entry) -> AdapterInfo:
+        tier = DEVICE if entry.slot is not None else HOST if entry.host is not None else DISK
+        return AdapterInfo(
+            adapter=entry.key,
+            tier=tier,
+            rank=entry.rank,
+            target_modules=list(entry.target_modules),
+            pinned=entry.pinned,
+            active_requests=entry.refcount,
+            size_bytes=entry.size_bytes,
+            load_ms=entry.load_ms.get(tier, 0.0),
+            sha256=entry.sha256,
+            last_used_unix_ms=entry.last_used_unix_ms,
+        )
+
+    def _loader_loop(self) -> None:
+        while True:
+            key = self._queue.get()
+            if key is None:
+                return
+            error: Exception | None = None
+            try:
+                self._load_to_device(key)
+            except AdapterError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - any failure must reach the waiting request
+                log.exception("loading adapter %s failed", key)
+                error = AdapterRejectedError(f"adapter {key}: loading failed ({type(exc).__name__}: {exc})")
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.loading = False
+                    entry.error = error
+                    if error is not None:
+                        entry.pin_on_load = False
+                    entry.done.set()
+                listeners = list(self._listeners)
+            for listener in listeners:
+                try:
+                    listener(key, error)
+                except Exception:  # noqa: BLE001 - a listener's bug must not kill the loader
+                    log.exception("adapter cache listener failed for %s", key)
+
+    def _load_to_device(self, key: AdapterKey) -> None:
+        with self._lock:
+            if self._entries[key].slot is not None:
+                return
+        adapter = self._host_copy(key)
+        slot = self._claim_slot(key)
+        started = time.perf_counter()
+        try:
+            self._pool.write(slot, adapter)
+        except BaseException:
+            with self._lock:
+                self._reserved_slots.discard(slot)
+                self._slot_owner[slot] = None
+                self._slot_freed.notify_all()
+            raise
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        with self._lock:
+            entry = self._entries[key]
+            self._reserved_slots.discard(slot)
+            entry.slot = slot
+            entry.load_ms[DEVICE] = elapsed_ms
+            self._counters[DEVICE].load_ms.append(elapsed_ms)
+            entry.pinned = entry.pinned or entry.pin_on_load
+            entry.pin_on_load = False
+            self._touch(entry)
+
+    def _host_copy(self, key: AdapterKey) -> HostAdapter:
+        with self._lock:
+            entry = self._entries[key]
+            if entry.host is not None:
+                self._counters[HOST].hits += 1
+                self._host_lru.move_to_end(key)
+                return entry.host
+            self._counters[HOST].misses += 1
+            disk_path = entry.disk_path if entry.disk_path is not None and entry.disk_path.is_dir() else None
+            if disk_path is not None:
+                self._counters[DISK].hits += 1
+            else:
+                self._counters[DISK].misses += 1
+        if disk_path is None:
+            started = time.perf_counter()
+            disk_path = self._fetch_to_disk(key)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            with self._lock:
+                entry.disk_path = disk_path
+                entry.load_ms[DISK] = elapsed_ms
+                self._counters[DISK].load_ms.append(elapsed_ms)
+        started = time.perf_counter()
+        adapter = read_peft_adapter(
+            disk_path, key, self._pool.module_shapes, max_rank=self._pool.max_rank, dtype=self._pool.dtype
+        )
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        with self._lock:
+            entry.rank = adapter.rank
+            entry.target_modules = adapter.target_modules
+            entry.size_bytes = adapter.size_bytes
+            entry.sha256 = adapter.sha256
+            entry.load_ms[HOST] = elapsed_ms
+            self._counters[HOST].load_ms.append(elapsed_ms)
+            if self._host_capacity > 0:
+                entry.host = adapter
+                self._host_lru[key] = None
+                self._host_lru.move_to_end(key)
+                while len(self._host_lru) > self._host_capacity:
+                    evicted, _ = self._host_lru.popitem(last=False)
+                    self._entries[evicted].host = None
+                    self._counters[HOST].evictions += 1
+        return adapter
+
+    def _fetch_to_disk(self, key: AdapterKey) -> Path:
+        fetched = Path(self._source.fetch(key))
+        if self._disk_dir is None:
+            return fetched
+        target = self._disk_dir / _safe_component(key.name) / _safe_component(key.version)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if (fetched / name).is_file():
+                shutil.copy2(fetched / name, partial / name)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        return target
+
+    def _claim_slot(self, key: AdapterKey) -> int:
+        """A free slot, else the least-recently-used evictable one; waits while every slot is
+        in use, pinned or being written."""
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise CacheClosedError(f"adapter {key}: the adapter cache is closed")
+                slot = self._locked_free_or_victim_slot()
+                if slot is not None:
+                    self._slot_owner[slot] = key
+                    self._reserved_slots.add(slot)
+                    return slot
+                self._slot_freed.wait()
+
+    def _locked_free_or_victim_slot(self) -> int | None:
+        for slot, owner in enumerate(self._slot_owner):
+            if owner is None:
+                return slot
+        victim: _Entry | None = None
+        for slot, owner in enumerate(self._slot_owner):
+            if slot in self._reserved_slots:
+                continue
+            entry = self._entries[owner]
+            if entry.refcount > 0 or entry.pinned:
+                continue
+            if victim is None or entry.last_used < victim.last_used:
+                victim = entry
+        if victim is None:
+            return None
+        slot = victim.slot
+        victim.slot = None
+        self._pool.clear(slot)
+        self._counters[DEVICE].evictions += 1
+        return slot
+
+
+def _check_key(key: AdapterKey) -> None:
+    if not isinstance(key, AdapterKey):
+        raise TypeError(f"expected an AdapterKey, got {type(key).__name__}")
+    if not key.name:
+        raise ValueError("the base model (empty adapter name) needs no adapter slot")
+
+
+def _safe_component(text: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return safe if safe not in ("", ".", "..") else "_"

@@ -1,0 +1,342 @@
+"""The shard's gRPC transport: ``protos/shard.proto`` over the engine and adapter cache, plus the
+standard ``grpc.health.v1`` service (SERVING once the model is loaded, NOT_SERVING while
+draining). ``serve(settings)`` runs until SIGTERM/SIGINT, then drains and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from protos import shard_pb2, shard_pb2_grpc
+from shard.engine import (
+    Engine,
+    EngineClosedError,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    QueueFullError,
+    SamplingOptions,
+)
+from shard.settings import ShardSettings
+
+log = logging.getLogger("shard")
+
+SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
+_FINISH = {
+    FinishReason.STOP: shard_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: shard_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: shard_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass
+class ShardCore:
+    """Everything the servicer serves from, built once per process by ``build_core``."""
+
+    settings: ShardSettings
+    engine: Engine
+    adapter_cache: Any  # shard.lora.TieredAdapterCache, or None: base model only
+    base_model: str
+    base_fingerprint: str
+
+
+def build_core(settings: ShardSettings) -> ShardCore:
+    """Load the base model (quantized), install multi-adapter LoRA and start the engine."""
+    from shard.adapter_sources import adapter_source_for, base_model_fingerprint
+    from shard.model_loading import load_base_model
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    model_dir = Path(settings.model_dir)
+    model, tokenizer = load_base_model(model_dir, settings.quantization, settings.device)
+    fingerprint = base_model_fingerprint(model_dir)
+    source = adapter_source_for(settings, fingerprint)
+    runtime = cache = None
+    if source is not None:
+        from shard.lora import TieredAdapterCache, install_multi_lora
+
+        runtime = install_multi_lora(model, device_slots=settings.device_slots, max_rank=settings.max_rank)
+        cache = TieredAdapterCache(runtime, source, host_capacity=settings.host_capacity)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        max_context=settings.max_context,
+        default_max_tokens=settings.default_max_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        lora_runtime=runtime,
+        adapter_cache=cache,
+    ).start()
+    name = getattr(model.config, "_name_or_path", "") or model_dir.name
+    return ShardCore(settings, engine, cache, Path(name).name or model_dir.name, fingerprint)
+
+
+def _adapter_status(error: BaseException) -> grpc.StatusCode:
+    from shard.adapter_sources import RegistryUnavailableError
+    from shard.lora import AdapterInUseError, AdapterLoadTimeout, AdapterNotFoundError, AdapterRejectedError
+
+    if isinstance(error, RegistryUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(error, AdapterNotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, (AdapterRejectedError, AdapterInUseError)):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, AdapterLoadTimeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(error, InvalidRequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def _ref(key) -> shard_pb2.AdapterRef:
+    if key is None:
+        return shard_pb2.AdapterRef()
+    return shard_pb2.AdapterRef(name=key.name, version=key.version)
+
+
+def _adapter_info(info) -> shard_pb2.AdapterInfo:
+    return shard_pb2.AdapterInfo(
+        adapter=_ref(info.adapter),
+        tier=info.tier,
+        rank=info.rank,
+        target_modules=list(info.target_modules),
+        pinned=info.pinned,
+        active_requests=info.active_requests,
+        size_bytes=info.size_bytes,
+        load_ms=info.load_ms,
+        sha256=info.sha256,
+        last_used_unix_ms=info.last_used_unix_ms,
+    )
+
+
+def _tier_stats(stats) -> shard_pb2.TierStats:
+    return shard_pb2.TierStats(
+        tier=stats.tier,
+        capacity=stats.capacity,
+        used=stats.used,
+        hits=stats.hits,
+        misses=stats.misses,
+        evictions=stats.evictions,
+        load_ms_p50=stats.load_ms_p50,
+        load_ms_p95=stats.load_ms_p95,
+    )
+
+
+def sampling_options(params: shard_pb2.SamplingParams) -> SamplingOptions:
+    return SamplingOptions(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p if 0 < params.top_p < 1 else 1.0,
+        top_k=params.top_k,
+        seed=params.seed if params.HasField("seed") else None,
+        stop=tuple(params.stop),
+    )
+
+
+class ShardServicer(shard_pb2_grpc.ShardServicer):
+    def __init__(self, settings: ShardSettings) -> None:
+        self.settings = settings
+        self.core: ShardCore | None = None  # set once the model is loaded
+
+    async def _core(self, context) -> ShardCore:
+        if self.core is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the shard is still loading its model")
+        return self.core
+
+    async def _cache(self, context):
+        core = await self._core(context)
+        if core.adapter_cache is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this shard serves the base model only")
+        return core.adapter_cache
+
+    def _key(self, ref: shard_pb2.AdapterRef):
+        from shard.lora import LOCAL_VERSION, AdapterKey
+
+        if not ref.name:
+            return None
+        version = ref.version or (LOCAL_VERSION if self.settings.adapter_dirs else "")
+        if not version:
+            raise InvalidRequestError(f"adapter {ref.name!r}: a version is required")
+        if not self.settings.adapter_dirs and not version.isdigit():
+            # Caching by alias would keep serving a version after the alias moved.
+            raise InvalidRequestError(f"adapter {ref.name!r}: version must be a registry version number, not {version!r}")
+        return AdapterKey(ref.name, version)
+
+    async def Generate(self, request: shard_pb2.GenerateRequest, context):
+        core = await self._core(context)
+        if request.prompt and request.messages:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either prompt or messages, not both")
+        try:
+            generation = GenerationRequest(
+                request_id=request.request_id or uuid.uuid4().hex,
+                prompt=None if request.messages else request.prompt,
+                messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
+                adapter=self._key(request.adapter),
+                sampling=sampling_options(request.sampling),
+            )
+            handle = core.engine.submit(generation)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineClosedError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        first = True
+        try:
+            async for chunk in handle:
+                message = shard_pb2.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
+                if first:
+                    message.adapter.CopyFrom(_ref(generation.adapter))
+                    first = False
+                if chunk.finish_reason is not None:
+                    message.finish_reason = _FINISH[chunk.finish_reason]
+                    message.usage.prompt_tokens = chunk.usage.prompt_tokens
+                    message.usage.completion_tokens = chunk.usage.completion_tokens
+                yield message
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the adapter could not be loaded, or the forward failed
+            log.warning("request %s failed: %s", generation.request_id, exc)
+            await context.abort(_adapter_status(exc), str(exc))
+        finally:
+            # The client went away (or the call ended early): free the row at once.
+            handle.cancel()
+
+    async def LoadAdapter(self, request: shard_pb2.LoadAdapterRequest, context):
+        cache = await self._cache(context)
+        try:
+            key = self._key(request.adapter)
+            if key is None:
+                raise InvalidRequestError("an adapter name is required")
+            info = await asyncio.to_thread(cache.load, key, request.pin)
+        except Exception as exc:
+            await context.abort(_adapter_status(exc), str(exc))
+        return shard_pb2.LoadAdapterResponse(adapter=_adapter_info(info))
+
+    async def UnloadAdapter(self, request: shard_pb2.UnloadAdapterRequest, context):
+        cache = await self._cache(context)
+        try:
+            key = self._key(request.adapter)
+            if key is None:
+                raise InvalidRequestError("an adapter name is required")
+            if request.unpin_only:
+                await asyncio.to_thread(cache.unpin, key)
+                unloaded = False  # still cached; only eviction is allowed again
+            else:
+                unloaded = await asyncio.to_thread(cache.unload, key)
+        except Exception as exc:
+            await context.abort(_adapter_status(exc), str(exc))
+        return shard_pb2.UnloadAdapterResponse(unloaded=bool(unloaded))
+
+    async def ListAdapters(self, request, context):
+        core = await self._core(context)
+        cache = core.adapter_cache
+        if cache is None:
+            return shard_pb2.ListAdaptersResponse()
+        return shard_pb2.ListAdaptersResponse(
+            adapters=[_adapter_info(i) for i in cache.adapters()],
+            tiers=[_tier_stats(t) for t in cache.tier_stats()],
+        )
+
+    async def Stats(self, request, context):
+        core = await self._core(context)
+        stats = core.engine.stats()
+        tiers = core.adapter_cache.tier_stats() if core.adapter_cache is not None else []
+        return shard_pb2.StatsResponse(
+            shard_id=self.settings.shard_id,
+            base_model=core.base_model,
+            base_fingerprint=core.base_fingerprint,
+            quantization=self.settings.quantization,
+            device=self.settings.device,
+            running=stats.running,
+            queued=stats.queued,
+            queue_capacity=stats.queue_capacity,
+            max_batch_size=stats.max_batch_size,
+            requests_completed=stats.requests_completed,
+            tokens_generated=stats.tokens_generated,
+            decode_tokens_per_s=stats.decode_tokens_per_s,
+            tiers=[_tier_stats(t) for t in tiers],
+            max_context=stats.max_context,
+        )
+
+
+async def serve(
+    settings: ShardSettings,
+    *,
+    core: ShardCore | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready=None,
+) -> None:
+    """Run the shard until SIGTERM/SIGINT (or until ``stop`` is set, when given). The port is
+    bound before the model loads, so health checks see NOT_SERVING until it is ready; on stop
+    health turns NOT_SERVING, running requests drain, then the server stops."""
+    server = grpc.aio.server()
+    servicer = ShardServicer(settings)
+    health = HealthServicer()
+    shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind {settings.address}")
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+
+    loop = asyncio.get_running_loop()
+    handle_signals = stop is None
+    stop = stop or asyncio.Event()
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        started = time.monotonic()
+        loading = asyncio.ensure_future(asyncio.to_thread(build_core, settings) if core is None else _ready(core))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():
+            log.info("shard %s stopping before its model finished loading", settings.shard_id)
+            servicer.core = await loading  # a loading thread cannot be interrupted
+            return
+        stopping.cancel()
+        servicer.core = loading.result()
+        for service in ("", SERVICE_NAME):
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        message = f"shard {settings.shard_id} ready on {settings.host}:{port}"
+        log.info("%s (model loaded in %.1f s)", message, time.monotonic() - started)
+        print(message, flush=True)
+        if on_ready is not None:
+            on_ready(port)
+        await stop.wait()
+
+        log.info("shard %s draining (up to %.0f s)", settings.shard_id, settings.drain_timeout_s)
+        servicer.core.engine.close()  # before health flips, so NOT_SERVING implies refusing
+        await health.enter_graceful_shutdown()
+        drained = await asyncio.to_thread(servicer.core.engine.drain, settings.drain_timeout_s)
+        if not drained:
+            log.warning("drain timed out; cancelling the requests still running")
+    finally:
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        if servicer.core is not None:
+            servicer.core.engine.stop(timeout=10)
+        await server.stop(grace=2)
+        if servicer.core is not None and servicer.core.adapter_cache is not None:
+            servicer.core.adapter_cache.close()
+        log.info("shard %s stopped", settings.shard_id)
+
+
+async def _ready(core: ShardCore) -> ShardCore:
+    return core

@@ -1,0 +1,130 @@
+"""The shard's one settings object: defaults, then an optional YAML/TOML file (``--config``),
+then env vars ``LORAPLEX_SHARD_<FIELD>`` (upper case). ``adapter_dirs`` takes JSON in an env var
+(``{"legal": "/path/to/legal"}``); a file may hold every service's settings, the shard's under a
+``shard:`` key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "LORAPLEX_SHARD_"
+QUANTIZATIONS = ("nf4", "int8", "bf16", "fp32")
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or has a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (the ready line says which)
+    shard_id: str = "shard-0"
+    model_dir: str = ""
+    quantization: str = "nf4"
+    device: str = "cpu"
+    max_batch_size: int = 8
+    max_queue: int = 64
+    max_context: int = 2048  # also capped by the model's max_position_embeddings
+    default_max_tokens: int = 256
+    prefill_chunk_tokens: int = 512  # prompt tokens per step, so a long prompt never stalls decoding
+    device_slots: int = 8
+    host_capacity: int = 32
+    max_rank: int = 64
+    torch_threads: int = 0  # 0 = torch's default
+    # Adapters come from the MLflow registry (tracking URI + local download cache) or, with
+    # adapter_dirs set, from local folders (name -> folder, version "local").
+    registry_tracking_uri: str = ""
+    adapter_cache_dir: str = ""
+    adapter_dirs: Mapping[str, str] = field(default_factory=dict)
+    drain_timeout_s: float = 30.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> "ShardSettings":
+        values: dict[str, Any] = {}
+        if config_file:
+            values.update(_read_config_file(Path(config_file)))
+        env = os.environ if environ is None else environ
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = raw
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ShardSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SettingsError(f"unknown shard settings: {', '.join(unknown)}")
+        defaults = cls()
+        converted = {name: _convert(name, type(getattr(defaults, name)), value) for name, value in values.items()}
+        settings = cls(**converted)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise SettingsError(f"port must be 0..65535, got {self.port}")
+        if not self.model_dir:
+            raise SettingsError("model_dir is required (a Hugging Face model folder)")
+        if self.quantization not in QUANTIZATIONS:
+            raise SettingsError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise SettingsError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        for name in ("max_batch_size", "max_context", "default_max_tokens", "prefill_chunk_tokens",
+                     "device_slots", "host_capacity", "max_rank"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+        if self.max_queue < 0 or self.torch_threads < 0 or self.drain_timeout_s < 0:
+            raise SettingsError("max_queue, torch_threads and drain_timeout_s must be >= 0")
+        if self.registry_tracking_uri and not self.adapter_cache_dir:
+            raise SettingsError("adapter_cache_dir is required with registry_tracking_uri")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SettingsError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(f"config file {path} cannot be parsed: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path} must hold a mapping")
+    if isinstance(data.get("shard"), dict):
+        data = data["shard"]
+    return data
+
+
+def _convert(name: str, kind: type, value: Any) -> Any:
+    try:
+        if kind is dict:
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip() else {}
+            if not isinstance(value, Mapping):
+                raise TypeError("expected a mapping")
+            return {str(k): str(v) for k, v in value.items()}
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise TypeError("expected an integer")
+        if kind is int and isinstance(value, bool):
+            raise TypeError("expected an integer")
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"setting {name}: cannot use {value!r} ({exc})") from exc

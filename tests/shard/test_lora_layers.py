@@ -1,0 +1,196 @@
+"""Every row of a mixed multi-adapter batch must match PEFT running that row's adapter alone."""
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from shard.lora import AdapterKey, install_multi_lora, read_peft_adapter
+from shard.lora.batch_plan import plan_batch
+from shard.lora.synthetic import random_llama, random_llama_config, save_random_peft_adapter
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# name -> options for save_random_peft_adapter: ranks 4..64, different module subsets and options.
+ADAPTERS = {
+    "r4_qv": dict(rank=4, alpha=8, target_modules=("q_proj", "v_proj")),
+    "r16_all": dict(rank=16, alpha=32, target_modules=ALL),
+    "r64_mlp_rslora": dict(rank=64, alpha=16, target_modules=("gate_proj", "up_proj", "down_proj"), use_rslora=True),
+    "r8_attn_patterns": dict(
+        rank=8,
+        alpha=16,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+        rank_pattern={"k_proj": 32},
+        alpha_pattern={"o_proj": 4},
+    ),
+    "r32_layer1_only": dict(rank=32, alpha=64, target_modules=("o_proj", "down_proj"), layers_to_transform=[1]),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.set_num_threads(2)
+    return random_llama(random_llama_config(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: save_random_peft_adapter(tiny_llama, root / name, seed=i + 1, **options)
+        for i, (name, options) in enumerate(ADAPTERS.items())
+    }
+
+
+def peft_reference_logits(base_model, adapter_dirs, row_adapters, input_ids):
+    """Logits of each row run alone through PEFT with only its adapter active (None = base)."""
+    names = list(adapter_dirs)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), adapter_dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapter_dirs[name], adapter_name=name)
+    peft_model.eval()
+    rows = []
+    with torch.no_grad():
+        for row, adapter in enumerate(row_adapters):
+            ids = input_ids[row : row + 1]
+            if adapter is None:
+                with peft_model.disable_adapter():
+                    rows.append(peft_model(input_ids=ids).logits)
+            else:
+                peft_model.set_adapter(adapter)
+                rows.append(peft_model(input_ids=ids).logits)
+    return torch.cat(rows)
+
+
+def serve_mixed_batch(
+    base_model, adapter_dirs, row_adapters, input_ids, *, max_rank=64, pool_dtype=None, decode_kernel="torch"
+):
+    model = copy.deepcopy(base_model)
+    runtime = install_multi_lora(
+        model,
+        device_slots=len(adapter_dirs) + 1,
+        max_rank=max_rank,
+        pool_dtype=pool_dtype,
+        decode_kernel=decode_kernel,
+    )
+    if decode_kernel == "auto" and shutil.which("c++"):
+        assert runtime.uses_decode_kernel, "a C++ compiler is present but the CPU decode kernel did not build"
+    slot_of = {}
+    for slot, (name, folder) in enumerate(adapter_dirs.items()):
+        adapter = read_peft_adapter(
+            folder, AdapterKey(name, "local"), runtime.module_shapes, max_rank=max_rank, dtype=runtime.pool.dtype
+        )
+        runtime.pool.write(slot, adapter)
+        slot_of[name] = slot
+    slots = torch.tensor([-1 if a is None else slot_of[a] for a in row_adapters])
+    runtime.set_batch_slots(slots)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    runtime.clear_batch_slots()
+    return logits, model, runtime
+
+
+def test_mixed_batch_matches_peft_per_adapter_fp32(tiny_llama, adapter_dirs):
+    row_adapters = ["r4_qv", None, "r16_all", "r64_mlp_rslora", "r8_attn_patterns", "r32_layer1_only", "r16_all", None]
+    input_ids = torch.randint(3, 320, (len(row_adapters), 12), generator=torch.Generator().manual_seed(7))
+    expected = peft_reference_logits(tiny_llama, adapter_dirs, row_adapters, input_ids)
+    got, _, _ = serve_mixed_batch(tiny_llama, adapter_dirs, row_adapters, input_ids)
+    for row, adapter in enumerate(row_adapters):
+        diff = (got[row] - expected[row]).abs().max().item()
+        assert diff <= 1e-4, f"row {row} ({adapter}): max abs logit diff {diff}"
+    # The adapters really change the output, so the comparison above is not vacuous.
+    with torch.no_grad():
+        base = tiny_llama(input_ids=input_ids).logits
+    for row, adapter in enumerate(row_adapters):
+        changed = (got[row] - base[row]).abs().max().item()
+        assert (changed > 1e-3) == (adapter is not None), f"row {row} ({adapter}) changed by {changed}"
+
+
+@pytest.mark.parametrize("decode_kernel", ["auto", "torch"])
+def test_single_token_decode_rows_match_peft(tiny_llama, adapter_dirs, decode_kernel):
+    row_adapters = ["r64_mlp_rslora", "r4_qv", None, "r8_attn_patterns", "r32_layer1_only", "r16_all", "r4_qv"]
+    input_ids = torch.randint(3, 320, (len(row_adapters), 1), generator=torch.Generator().manual_seed(8))
+    expected = peft_reference_logits(tiny_llama, adapter_dirs, row_adapters, input_ids)
+    got, _, _ = serve_mixed_batch(tiny_llama, adapter_dirs, row_adapters, input_ids, decode_kernel=decode_kernel)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_decode_with_kv_cache_matches_peft_generate(tiny_llama, adapter_dirs):
+    """Prefill then token-by-token decode through a KV cache: greedy tokens equal PEFT's per adapter."""
+    from transformers import DynamicCache
+
+    row_adapters = ["r16_all", None, "r8_attn_patterns"]
+    prompt = torch.randint(3, 320, (len(row_adapters), 6), generator=torch.Generator().manual_seed(11))
+    model = copy.deepcopy(tiny_llama)
+    runtime = install_multi_lora(model, device_slots=len(adapter_dirs), max_rank=64)
+    names = list(adapter_dirs)
+    for slot, name in enumerate(names):
+        runtime.pool.write(slot, read_peft_adapter(adapter_dirs[name], AdapterKey(name, "local"), runtime.module_shapes, max_rank=64))
+    runtime.set_batch_slots(torch.tensor([-1 if a is None else names.index(a) for a in row_adapters]))
+    cache, ids, generated = DynamicCache(), prompt, []
+    with torch.no_grad():
+        for _ in range(5):
+            next_ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(next_ids)
+            ids = next_ids
+    ours = torch.cat(generated, dim=1)
+
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), adapter_dirs["r16_all"], adapter_name="r16_all")
+    peft_model.load_adapter(adapter_dirs["r8_attn_patterns"], adapter_name="r8_attn_patterns")
+    for row, adapter in enumerate(row_adapters):
+        kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            if adapter is None:
+                with peft_model.disable_adapter():
+                    reference = peft_model.generate(input_ids=prompt[row : row + 1], **kwargs)
+            else:
+                peft_model.set_adapter(adapter)
+                reference = peft_model.generate(input_ids=prompt[row : row + 1], **kwargs)
+        assert ours[row].tolist() == reference[0, prompt.shape[1] :].tolist(), f"row {row} ({adapter})"
+
+
+def test_base_only_batch_equals_base_model(tiny_llama, adapter_dirs):
+    input_ids = torch.randint(3, 320, (3, 5), generator=torch.Generator().manual_seed(9))
+    got, _, _ = serve_mixed_batch(tiny_llama, adapter_dirs, [None, None, None], input_ids)
+    with torch.no_grad():
+        expected = tiny_llama(input_ids=input_ids).logits
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("tokens, decode_kernel", [(6, "torch"), (1, "auto")])
+def test_bf16_pool_over_fp32_base_is_close(tiny_llama, adapter_dirs, tokens, decode_kernel):
+    row_adapters = ["r16_all", None, "r64_mlp_rslora"]
+    input_ids = torch.randint(3, 320, (3, tokens), generator=torch.Generator().manual_seed(10))
+    expected = peft_reference_logits(tiny_llama, adapter_dirs, row_adapters, input_ids)
+    got, _, runtime = serve_mixed_batch(
+        tiny_llama, adapter_dirs, row_adapters, input_ids, pool_dtype=torch.bfloat16, decode_kernel=decode_kernel
+    )
+    assert runtime.pool.dtype == torch.bfloat16 and got.dtype == torch.float32
+    # bf16 keeps ~3 significant digits of each adapter factor; logits here are O(1).
+    assert (got - expected).abs().max().item() <= 2e-2
+
+
+def test_groups_compute_at_the_ranks_present_not_max_rank(tiny_llama, adapter_dirs):
+    _, _, runtime = serve_mixed_batch(tiny_llama, adapter_dirs, [None], torch.zeros(1, 1, dtype=torch.long))
+    slot = {name: i for i, name in enumerate(adapter_dirs)}
+    plan = plan_batch(runtime.pool, torch.tensor([slot["r16_all"], slot["r16_all"]]))
+    assert [(g.rank, g.rows) for g in plan.groups] == [(16, None)]
+    plan = plan_batch(runtime.pool, torch.tensor([slot["r4_qv"], -1, slot["r64_mlp_rslora"], slot["r8_attn_patterns"]]))
+    assert [g.rank for g in plan.groups] == [4, 32, 64]  # buckets 8, 32 (rank_pattern k_proj=32), 64
+    assert [g.rows.tolist() for g in plan.groups] == [[0], [3], [2]]
+    assert "model.layers.0.self_attn.q_proj" in plan.groups[0].modules
+    assert "model.layers.0.mlp.up_proj" not in plan.groups[0].modules
+
+
+def test_bad_slot_ids_are_refused(tiny_llama, adapter_dirs):
+    _, _, runtime = serve_mixed_batch(tiny_llama, adapter_dirs, [None], torch.zeros(1, 1, dtype=torch.long))
+    empty_slot = runtime.pool.num_slots - 1
+    with pytest.raises(ValueError, match="holds no adapter"):
+        runtime.set_batch_slots(torch.tensor([empty_slot]))
+    with pytest.raises(ValueError, match="outside"):
+        runtime.set_batch_slots(torch.tensor([runtime.pool.num_slots]))
+    with pytest.raises(ValueError, match="1-D"):
+        runtime.set_batch_slots(torch.tensor([[0]]))
