@@ -1,0 +1,5 @@
+import sys
+
+from loraplex.demo.cli import main
+
+sys.exit(main())
