@@ -133,7 +133,7 @@ class LocalStack:
                 "LORAPLEX_SHARD_PORT": str(port),
                 "LORAPLEX_SHARD_MODEL_DIR": str(base_dir),
                 "LORAPLEX_SHARD_QUANTIZATION": cfg.quantization,
-                "LORAPLEX_SHARD_TRACKING_URI": self.mlflow.url,
+                "LORAPLEX_SHARD_REGISTRY_TRACKING_URI": self.mlflow.url,
                 "LORAPLEX_SHARD_ADAPTER_CACHE_DIR": str(state / f"{shard_id}-adapters"),
                 # Two shards share two cores: one thread each keeps them from thrashing.
                 "LORAPLEX_SHARD_TORCH_THREADS": "1",
@@ -158,9 +158,10 @@ class LocalStack:
             **os.environ,
             "LORAPLEX_GATEWAY_HOST": LOOPBACK,
             "LORAPLEX_GATEWAY_PORT": str(port),
-            "LORAPLEX_GATEWAY_SHARDS": ",".join(shard_addresses.values()),
+            "LORAPLEX_GATEWAY_SHARD_ADDRESSES": ",".join(shard_addresses.values()),
             "LORAPLEX_GATEWAY_TENANTS_FILE": str(tenants_file),
-            "LORAPLEX_GATEWAY_TRACKING_URI": self.mlflow.url,
+            "LORAPLEX_GATEWAY_REGISTRY_TRACKING_URI": self.mlflow.url,
+            "LORAPLEX_GATEWAY_REGISTRY_CACHE_DIR": str(state / "gateway-registry-cache"),
             "LORAPLEX_GATEWAY_SHADOW_LOG_PATH": str(state / "shadow.jsonl"),
             **self.config.gateway_env,
         }
@@ -177,7 +178,7 @@ class LocalStack:
         """Records every child's process group, so a supervisor (or a test) can check they end."""
         groups = {name: p.pid for name, p in self.shards.items()}
         groups["gateway"] = self.gateway.pid
-        groups["mlflow"] = self.mlflow.pid
+        groups["mlflow"] = self.mlflow.process.pid
         (state / "process-groups.json").write_text(json.dumps(groups, indent=2))
 
     def stop(self) -> None:

@@ -1,0 +1,92 @@
+"""The routing table: which version of each adapter serves, as MLflow's aliases and tags say.
+
+Built from one `registered-models/search` response (it carries every model's aliases and tags),
+so a poll of the whole registry is one REST call per 1,000 adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+CHAMPION, CANARY, SHADOW = "champion", "canary", "shadow"
+ROUTING_ALIASES = (CHAMPION, CANARY, SHADOW)
+
+TAG_ADAPTER = "loraplex.adapter"
+TAG_CANARY_PERCENT = "loraplex.canary_percent"
+TAG_TENANTS = "loraplex.tenants"
+TAG_CHAMPION_HISTORY = "loraplex.champion_history"
+
+
+@dataclass(frozen=True)
+class AdapterRoute:
+    name: str
+    champion: str | None
+    canary: str | None
+    shadow: str | None
+    canary_percent: float
+    # None: the tag is absent and the tenants file alone decides; otherwise only these tenants.
+    tenants: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    adapters: dict[str, AdapterRoute] = field(default_factory=dict)
+    # When the table was read from MLflow (unix seconds); None for the empty table before any read.
+    fetched_unix: float | None = None
+
+    def route(self, name: str) -> AdapterRoute | None:
+        return self.adapters.get(name)
+
+    def same_routes(self, other: "RoutingTable") -> bool:
+        return self.adapters == other.adapters
+
+
+def parse_canary_percent(raw: str | None) -> float | None:
+    """The percentage in 0..100, or None when the tag holds something else."""
+    if raw is None or raw.strip() == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 100.0 else None  # the comparison also rejects nan
+
+
+def parse_tenants(raw: str | None) -> frozenset[str] | None:
+    if raw is None:
+        return None
+    return frozenset(part.strip() for part in raw.split(",") if part.strip())
+
+
+class MalformedTagWarnings:
+    """Warns once per adapter and bad value: a watcher re-reads the same tag every second."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str, str]] = set()
+
+    def __call__(self, name: str, key: str, raw: str) -> None:
+        if (name, key, raw) not in self._seen:
+            self._seen.add((name, key, raw))
+            logger.warning("adapter %s: tag %s=%r is not a number in 0..100; its canary gets 0%%", name, key, raw)
+
+
+def route_from_registered_model(model: dict, warn: MalformedTagWarnings | None = None) -> AdapterRoute:
+    """`model` is one entry of MLflow's REST `registered_models` list."""
+    name = model["name"]
+    aliases = {entry["alias"]: str(entry["version"]) for entry in model.get("aliases") or []}
+    tags = {entry["key"]: entry.get("value", "") for entry in model.get("tags") or []}
+    canary_percent = parse_canary_percent(tags.get(TAG_CANARY_PERCENT))
+    if canary_percent is None:
+        (warn or MalformedTagWarnings())(name, TAG_CANARY_PERCENT, tags[TAG_CANARY_PERCENT])
+        canary_percent = 0.0
+    return AdapterRoute(
+        name=name,
+        champion=aliases.get(CHAMPION),
+        canary=aliases.get(CANARY),
+        shadow=aliases.get(SHADOW),
+        canary_percent=canary_percent,
+        tenants=parse_tenants(tags.get(TAG_TENANTS)),
+    )
