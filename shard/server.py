@@ -66,7 +66,13 @@ def build_core(settings: ShardSettings) -> ShardCore:
     if source is not None:
         from shard.lora import TieredAdapterCache, install_multi_lora
 
-        runtime = install_multi_lora(model, device_slots=settings.device_slots, max_rank=settings.max_rank)
+        pool_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        runtime = install_multi_lora(
+            model,
+            device_slots=settings.device_slots,
+            max_rank=settings.max_rank,
+            pool_dtype=pool_dtype[settings.adapter_dtype],
+        )
         cache = TieredAdapterCache(runtime, source, host_capacity=settings.host_capacity)
     engine = Engine(
         model,

@@ -18,6 +18,7 @@ import yaml
 
 ENV_PREFIX = "LORAPLEX_SHARD_"
 QUANTIZATIONS = ("nf4", "int8", "bf16", "fp32")
+ADAPTER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 class SettingsError(ValueError):
@@ -40,6 +41,9 @@ class ShardSettings:
     device_slots: int = 8
     host_capacity: int = 32
     max_rank: int = 64
+    # Dtype of the adapter slot pools: "auto" = the model's activation dtype (exact against PEFT);
+    # "bf16" halves the bytes read per decode step (~0.4% relative error in the adapter's delta).
+    adapter_dtype: str = "auto"
     torch_threads: int = 0  # 0 = torch's default
     # Adapters come from the MLflow registry (tracking URI + local download cache) or, with
     # adapter_dirs set, from local folders (name -> folder, version "local").
@@ -80,6 +84,8 @@ class ShardSettings:
             raise SettingsError("model_dir is required (a Hugging Face model folder)")
         if self.quantization not in QUANTIZATIONS:
             raise SettingsError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise SettingsError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise SettingsError(f"device must be cpu or cuda[:N], got {self.device!r}")
         for name in ("max_batch_size", "max_context", "default_max_tokens", "prefill_chunk_tokens",

@@ -1,17 +1,31 @@
 """The compiled CPU decode kernel (lora_decode_kernel.cpp), built on first use with torch's
-cpp_extension (needs a C++ compiler; the build is cached under TORCH_EXTENSIONS_DIR).
+cpp_extension (needs a C++ compiler; ~1 min once, then cached under TORCH_EXTENSIONS_DIR).
 
-When it cannot be built the layers use stock torch ops, which are correct on every device but
-pay for materialised gathers."""
+It is compiled for the host CPU (-march=native), so the build is named after the CPU's feature
+flags: a cache directory shared with a different CPU gets its own build instead of a binary that
+would die on an illegal instruction. When it cannot be built, the layers use stock torch ops,
+which are correct on every device but pay for materialised gathers."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import platform
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("lora_decode_kernel.cpp")
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features"))
+        )
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
 @functools.cache
@@ -21,7 +35,7 @@ def load_cpu_kernel():
         from torch.utils.cpp_extension import load
 
         return load(
-            name="loraplex_lora_decode_kernel",
+            name=f"loraplex_lora_decode_{_cpu_fingerprint()}",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-strict-aliasing"],
             verbose=False,

@@ -25,7 +25,6 @@ from shard.lora.keys import AdapterKey
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
-_PEFT_PREFIX = "base_model.model."
 _TENSOR_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 # Options that change the forward math in ways a plain low-rank delta does not express.

@@ -109,6 +109,7 @@ def test_try_acquire_never_waits_for_a_load_in_flight(runtime, adapter_dirs):
     with TieredAdapterCache(runtime, source, host_capacity=4) as cache:
         slot_a = wait_ready(cache, key("a"))
         source.gate.clear()
+        source.fetching.clear()
         assert cache.try_acquire(key("b")) is None
         assert source.fetching.wait(WAIT_S)  # the loader thread is now blocked inside fetch
         # Meanwhile the engine keeps working: more polls return at once, "a" is served.
