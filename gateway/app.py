@@ -12,6 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from litestar import Litestar
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+from opentelemetry.sdk.trace import TracerProvider
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -32,6 +35,7 @@ from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
 from gateway.state import GatewayParts
 from gateway.tenant_limits import TenantLimiter
 from gateway.tenants import TenantDirectory
+from loraplex.telemetry import tracer_provider
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,9 @@ def build_routing_source(settings: GatewaySettings) -> RoutingSource:
     return StaticRoutingSource.from_mapping(settings.static_routes)
 
 
-def build_shard_pool(settings: GatewaySettings, metrics: GatewayMetrics) -> ShardPool:
+def build_shard_pool(
+    settings: GatewaySettings, metrics: GatewayMetrics, tracing: TracerProvider | None = None
+) -> ShardPool:
     if settings.shard_dns:
         discovery = DnsDiscovery(settings.shard_dns, settings.shard_dns_port, settings.shard_dns_interval_s)
     elif settings.shard_addresses:
@@ -66,6 +72,8 @@ def build_shard_pool(settings: GatewaySettings, metrics: GatewayMetrics) -> Shar
         settings.health_interval_s,
         settings.health_timeout_s,
         on_health_change=lambda shard, ok: metrics.shard_healthy.labels(shard).set(1 if ok else 0),
+        # Carries the trace into the shard's gRPC spans.
+        channel_interceptors=aio_client_interceptors(tracer_provider=tracing) if tracing else (),
     )
 
 
@@ -75,19 +83,33 @@ def create_app(
     routing_source: RoutingSource | None = None,
     shard_pool: ShardPool | None = None,
     on_shadow_aggregate: Callable[[str, str, dict[str, float]], None] | None = None,
+    tracing: TracerProvider | None = None,
 ) -> Litestar:
+    """The gateway app. Requests are traced (HTTP span, then the gRPC call to the shard) when
+    `tracing` is given or OTLP export is configured through the standard OTEL_* variables."""
     if not settings.tenants_file:
         raise SettingsError("tenants_file is required")
     tenants = TenantDirectory.from_file(settings.tenants_file)
     metrics = GatewayMetrics()
     source = routing_source if routing_source is not None else build_routing_source(settings)
     owns_source = routing_source is None
-    pool = shard_pool if shard_pool is not None else build_shard_pool(settings, metrics)
+    owns_tracing = tracing is None
+    tracing = tracing or tracer_provider("loraplex-gateway")
+    pool = shard_pool if shard_pool is not None else build_shard_pool(settings, metrics, tracing)
     router = Router(source, settings.base_model_id)
     dispatcher = Dispatcher(
         pool, settings.request_timeout_s, on_attempt_failed=lambda s, code: metrics.shard_failures.labels(s, code.name).inc()
     )
-    recorder = ShadowRecorder(settings.shadow_log_path or None, settings.shadow_recent_pairs, on_shadow_aggregate)
+    shadow_metrics = None
+    if on_shadow_aggregate is None and settings.registry_tracking_uri:
+        from registry.shadow_metrics import ShadowMetricsLogger  # lazy: the registry pulls in MLflow
+
+        # Aggregates land as metrics on the shadow version's MLflow run, sent off the event loop.
+        shadow_metrics = ShadowMetricsLogger(settings.registry_tracking_uri)
+        on_shadow_aggregate = shadow_metrics.submit
+    recorder = ShadowRecorder(
+        settings.shadow_log_path or None, settings.shadow_recent_pairs, on_shadow_aggregate, settings.shadow_aggregate_every
+    )
     shadow = ShadowMode(dispatcher, recorder, settings.shadow_sample_share, settings.shadow_max_concurrency)
     service = CompletionService(
         settings,
@@ -110,6 +132,8 @@ def create_app(
         if owns_source:
             await call_blocking_or_async(getattr(source, "start", None))
         await pool.start()
+        if shadow_metrics is not None:
+            shadow_metrics.start()
         background.append(asyncio.create_task(reload_tenants_forever(), name="tenants-reload"))
 
     async def on_shutdown() -> None:
@@ -118,6 +142,8 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await shadow.stop()
+        if shadow_metrics is not None:
+            await asyncio.to_thread(shadow_metrics.stop)
         await pool.stop()
         if owns_source:
             await call_blocking_or_async(getattr(source, "stop", None))
@@ -146,14 +172,21 @@ def create_app(
     async def before_request(request) -> None:
         request_id_of(request.scope)
 
+    plugins, shutdown_hooks = [], [on_shutdown]
+    if tracing is not None:
+        plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=tracing, exclude=["/healthz", "/metrics"])))
+        if owns_tracing:
+            shutdown_hooks.append(tracing.shutdown)  # flushes the spans still batched
+
     return Litestar(
         route_handlers=[*openai_api.ROUTES, *health.ROUTES, admin.admin_router],
+        plugins=plugins,
         dependencies={"parts": Provide(lambda: parts, use_cache=True, sync_to_thread=False)},
         exception_handlers={Exception: openai_error_response},
         before_request=before_request,
         before_send=[before_send],
         on_startup=[on_startup],
-        on_shutdown=[on_shutdown],
+        on_shutdown=shutdown_hooks,
         request_max_body_size=settings.max_body_bytes,
         state=State({"parts": parts}),
         openapi_config=OpenAPIConfig(

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway import errors
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult, ShardStream, StreamCut
@@ -22,6 +23,9 @@ from gateway.settings import GatewaySettings
 from gateway.shadow import ShadowMode
 from gateway.tenant_limits import TenantLimiter
 from gateway.tenants import Tenant
+from gateway.version_fallback import LastGoodVersions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class CompletionService:
         metrics: GatewayMetrics,
         shadow: ShadowMode | None = None,
         prompt_measure: PromptMeasure | None = None,
+        last_good: LastGoodVersions | None = None,
     ):
         self.settings = settings
         self.router = router
@@ -73,6 +78,7 @@ class CompletionService:
         self.metrics = metrics
         self.shadow = shadow
         self.prompt_measure = prompt_measure or PromptMeasure(settings.max_prompt_chars)
+        self.last_good = last_good or LastGoodVersions(settings.refused_version_retry_s)
 
     # preparing -------------------------------------------------------------------------------
     def prepare(
@@ -88,7 +94,10 @@ class CompletionService:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stop) > 4 or any(not s for s in stop):
             raise bad_request("'stop' takes up to 4 non-empty strings.", "stop")
-        decision = self.router.resolve(body.model, tenant, body.user or session)
+        routed = self.router.resolve(body.model, tenant, body.user or session)
+        decision = self.last_good.substitute(routed)
+        if decision is not routed:
+            self.metrics.version_fallbacks.labels(decision.adapter).inc()
         prompt: str | None = None
         messages: tuple[tuple[str, str], ...] = ()
         if chat:
@@ -146,7 +155,12 @@ class CompletionService:
         tokens = 0
         primary = asyncio.get_running_loop().create_future()
         try:
-            result = await self.dispatcher.generate(prepared.job, prepared.decision.model)
+            try:
+                result = await self.dispatcher.generate(prepared.job, prepared.decision.model)
+            except OpenAIError as error:
+                prepared = self._fall_back(prepared, error)
+                result = await self.dispatcher.generate(prepared.job, prepared.decision.model)
+            self.last_good.served(prepared.decision, result.version)
             tokens = result.prompt_tokens + result.completion_tokens
             self._observe(prepared, result)
             primary.set_result(result)
@@ -162,7 +176,12 @@ class CompletionService:
         """Opens the shard stream (with failover) before any byte is sent, so headers name the shard."""
         self.limiter.admit(tenant)
         try:
-            stream = await self.dispatcher.open_stream(prepared.job, prepared.decision.model)
+            try:
+                stream = await self.dispatcher.open_stream(prepared.job, prepared.decision.model)
+            except OpenAIError as error:
+                prepared = self._fall_back(prepared, error)  # nothing was sent yet: safe to retry
+                stream = await self.dispatcher.open_stream(prepared.job, prepared.decision.model)
+            self.last_good.served(prepared.decision, stream.version)
         except BaseException:
             self.limiter.release(tenant, 0)
             raise
@@ -234,6 +253,20 @@ class CompletionService:
         self.metrics.tokens.labels("completion", adapter).inc(result.completion_tokens)
         if prepared.stream is False:
             self.metrics.first_token.labels(prepared.decision.route).observe(result.first_token_s)
+
+    def _fall_back(self, prepared: PreparedRequest, error: OpenAIError) -> PreparedRequest:
+        """The request re-aimed at the adapter's last good version, or `error` raised again."""
+        if error.code != errors.ADAPTER_REFUSED:
+            raise error
+        fallback = self.last_good.after_refusal(prepared.decision)
+        if fallback is None:
+            raise error
+        log.warning(
+            "%s@%s refused by the shards (%s); serving the last good version %s",
+            prepared.decision.adapter, prepared.decision.version, error.message, fallback.version,
+        )
+        self.metrics.version_fallbacks.labels(prepared.decision.adapter).inc()
+        return replace(prepared, decision=fallback, job=replace(prepared.job, version=fallback.version))
 
     def _start_shadow(self, prepared: PreparedRequest, tenant: Tenant, primary: asyncio.Future) -> None:
         if self.shadow is not None and prepared.decision.shadow_version:

@@ -86,6 +86,11 @@ RETRYABLE_CODES = frozenset(
 SHARD_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
+# The code of the error for a version the shards refused (FAILED_PRECONDITION): the gateway falls
+# back to the adapter's last good version on it (gateway/version_fallback.py).
+ADAPTER_REFUSED = "adapter_unavailable"
+
+
 def from_grpc(code: grpc.StatusCode, details: str, model: str) -> OpenAIError:
     """The HTTP error a client sees for a shard's final (not retried) gRPC failure."""
     details = details or code.name
@@ -94,7 +99,7 @@ def from_grpc(code: grpc.StatusCode, details: str, model: str) -> OpenAIError:
     if code == grpc.StatusCode.NOT_FOUND:
         return model_not_found(model, details)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return OpenAIError(503, f"The model '{model}' cannot be served: {details}", "server_error", "adapter_unavailable", "model", {"retry-after": "5"})
+        return OpenAIError(503, f"The model '{model}' cannot be served: {details}", "server_error", ADAPTER_REFUSED, "model", {"retry-after": "5"})
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return no_shard_available("Every shard that could take this request is at capacity.", 1.0)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

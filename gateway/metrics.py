@@ -26,6 +26,9 @@ class GatewayMetrics:
         self.shard_failures = Counter("loraplex_gateway_shard_attempt_failures", "Failed shard calls", ["shard", "code"], registry=r)
         self.routing_stale = Gauge("loraplex_gateway_routing_table_stale", "1 when the routing table could not be refreshed", registry=r)
         self.routing_age = Gauge("loraplex_gateway_routing_table_age_seconds", "Seconds since the routing table was last refreshed", registry=r)
+        self.version_fallbacks = Counter(
+            "loraplex_gateway_version_fallbacks", "Requests served by the last good version after the shards refused a promoted one", ["adapter"], registry=r
+        )
         self.stream_cuts = Counter("loraplex_gateway_stream_cuts", "Streams ended by an error event after text was sent", registry=r)
         self.shadow_pairs = Gauge("loraplex_gateway_shadow_started", "Shadow copies started", registry=r)
         self.shadow_dropped = Gauge("loraplex_gateway_shadow_dropped", "Shadow copies shed because the shadow pool was full", registry=r)

@@ -62,6 +62,10 @@ class GatewaySettings:
     shadow_log_path: str = ""
     shadow_max_concurrency: int = 4
     shadow_recent_pairs: int = 100
+    shadow_aggregate_every: int = 10  # pairs of one (adapter, shadow version) between MLflow metric logs
+    # A version the shards refused (corrupt, wrong base) is not tried again for this long; meanwhile
+    # the adapter's last version that served keeps serving.
+    refused_version_retry_s: float = 30.0
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -92,7 +96,7 @@ class GatewaySettings:
             raise SettingsError(f"port must be 0..65535, got {self.port}")
         if not 0.0 <= self.shadow_sample_share <= 1.0:
             raise SettingsError("shadow_sample_share must be within [0, 1]")
-        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens"):
+        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.ring_load_epsilon <= 0:

@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -98,12 +98,14 @@ class ShardPool:
         health_interval_s: float = 0.5,
         health_timeout_s: float = 0.4,
         on_health_change: Callable[[str, bool], None] | None = None,
+        channel_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ):
         self.discovery = discovery
         self.ring = ring
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
         self._on_health_change = on_health_change
+        self._channel_interceptors = list(channel_interceptors)
         self._shards: dict[str, ShardState] = {}
         self._tasks: list[asyncio.Task] = []
         self._last_discovery = 0.0
@@ -138,7 +140,9 @@ class ShardPool:
             self._set_health(state, False, "no longer discovered")
             await state.channel.close(grace=None)
         for new in sorted(addresses - set(self._shards)):
-            channel = grpc.aio.insecure_channel(new, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(
+                new, options=CHANNEL_OPTIONS, interceptors=self._channel_interceptors or None
+            )
             self._shards[new] = ShardState(new, channel, shard_pb2_grpc.ShardStub(channel), health_pb2_grpc.HealthStub(channel))
 
     async def _health_loop(self) -> None:

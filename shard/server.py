@@ -18,6 +18,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.sdk.trace import TracerProvider
+
+from loraplex.telemetry import tracer_provider
 from protos import shard_pb2, shard_pb2_grpc
 from shard.engine import (
     Engine,
@@ -284,11 +288,16 @@ async def serve(
     core: ShardCore | None = None,
     stop: asyncio.Event | None = None,
     on_ready=None,
+    tracing: TracerProvider | None = None,
 ) -> None:
     """Run the shard until SIGTERM/SIGINT (or until ``stop`` is set, when given). The port is
     bound before the model loads, so health checks see NOT_SERVING until it is ready; on stop
-    health turns NOT_SERVING, running requests drain, then the server stops."""
-    server = grpc.aio.server()
+    health turns NOT_SERVING, running requests drain, then the server stops. RPCs are traced
+    (continuing the gateway's trace) when ``tracing`` is given or OTLP export is configured."""
+    owns_tracing = tracing is None
+    tracing = tracing or tracer_provider("loraplex-shard")
+    interceptors = [aio_server_interceptor(tracer_provider=tracing)] if tracing else []
+    server = grpc.aio.server(interceptors=interceptors)
     servicer = ShardServicer(settings)
     health = HealthServicer()
     shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
@@ -341,6 +350,8 @@ async def serve(
         await server.stop(grace=2)
         if servicer.core is not None and servicer.core.adapter_cache is not None:
             servicer.core.adapter_cache.close()
+        if owns_tracing and tracing is not None:
+            tracing.shutdown()  # flushes the spans still batched
         log.info("shard %s stopped", settings.shard_id)
 
 

@@ -26,11 +26,11 @@ def shard_test_settings(model_dir: Path, adapter_dirs: dict[str, Path], **overri
 
 
 @contextlib.asynccontextmanager
-async def running_shard(settings, load_timeout_s: float = 120):
+async def running_shard(settings, load_timeout_s: float = 120, **serve_options):
     from shard.server import serve
 
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop=stop, on_ready=lambda port: ready.set()))
+    task = asyncio.create_task(serve(settings, stop=stop, on_ready=lambda port: ready.set(), **serve_options))
     waiter = asyncio.create_task(ready.wait())
     done, _ = await asyncio.wait({task, waiter}, timeout=load_timeout_s, return_when=asyncio.FIRST_COMPLETED)
     if waiter not in done:

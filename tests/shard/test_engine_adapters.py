@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from loraplex.testing.shard_models import tiny_adapter_dirs, tiny_llama_config  # noqa: F401  (fixture)
 from shard.engine import Engine, FinishReason, GenerationRequest, SamplingOptions
 from shard.lora import AdapterKey, AdapterNotFoundError, LocalAdapterSource, TieredAdapterCache, install_multi_lora
+from loraplex.testing.shard_models import tiny_llama_config
 from shard.lora.synthetic import byte_tokenizer, random_llama
 
 torch.set_num_threads(1)

@@ -4,7 +4,6 @@ at different steps each get exactly the tokens they would get alone (greedy, fp3
 import pytest
 import torch
 
-from loraplex.testing.shard_models import tiny_llama  # noqa: F401  (fixture)
 from shard.engine import (
     Engine,
     EngineClosedError,

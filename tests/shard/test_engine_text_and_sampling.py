@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from loraplex.testing.shard_models import tiny_llama  # noqa: F401  (fixture)
 from shard.engine import Engine, GenerationRequest, InvalidSamplingError, SamplingOptions
 from shard.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shard.engine.sampling import RowSampler, sample_batch

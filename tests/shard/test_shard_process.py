@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.stack.ports import free_port
 from loraplex.stack.processes import ManagedProcess
-from loraplex.testing.shard_models import tiny_adapter_dirs, tiny_model_dir  # noqa: F401  (fixtures)
 from protos import shard_pb2, shard_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,115 @@
+"""A promoted version the shards refuse (FAILED_PRECONDITION) does not take over: the last version
+that served keeps answering, for plain and streamed requests; a pinned request still sees the 503."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from gateway_fixtures import ACME_KEY, auth
+from gateway_scripted_shard import ScriptedShard, ScriptedShardServer
+from litestar.testing import TestClient
+
+from gateway.app import create_app
+from gateway.routing import RouteDecision
+from gateway.routing_source import StaticRoutingSource
+from gateway.settings import GatewaySettings
+from gateway.version_fallback import LastGoodVersions
+
+
+class RefusingShard(ScriptedShard):
+    """Refuses the versions in `refused`, as a shard refuses corrupt artifacts."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.refused: set[tuple[str, str]] = set()
+
+    async def Generate(self, request, context):
+        if (request.adapter.name, request.adapter.version) in self.refused:
+            self.requests.append(request)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request.adapter.name} v{request.adapter.version} artifacts are corrupt")
+        async for chunk in super().Generate(request, context):
+            yield chunk
+
+
+@pytest.fixture
+def refusing_shard():
+    server = ScriptedShardServer("r0")
+    server.servicer = RefusingShard("r0")
+    server.start()
+    yield server
+    server.close()
+
+
+def _client(tmp_path, tenants_file, shard, source, retry_s=30.0):
+    settings = GatewaySettings.from_mapping(
+        {
+            "tenants_file": str(tenants_file),
+            "shard_addresses": [shard.address],
+            "health_interval_s": 0.1,
+            "request_timeout_s": 10,
+            "refused_version_retry_s": retry_s,
+        }
+    )
+    return TestClient(create_app(settings, routing_source=source))
+
+
+def _complete(client, model="legal", **extra):
+    return client.post("/v1/completions", json={"model": model, "prompt": "p", "max_tokens": 2, **extra}, headers=auth(ACME_KEY))
+
+
+def test_refused_champion_falls_back_to_the_last_good_version(tmp_path, tenants_file, refusing_shard):
+    source = StaticRoutingSource.from_mapping({"legal": {"champion": "1"}})
+    refusing_shard.servicer.refused.add(("legal", "2"))
+    with _client(tmp_path, tenants_file, refusing_shard, source) as client:
+        assert _complete(client).headers["x-loraplex-version"] == "1"
+        source._table = StaticRoutingSource.from_mapping({"legal": {"champion": "2"}}).current()  # promoted
+        plain = _complete(client)
+        assert plain.status_code == 200, plain.text
+        assert (plain.headers["x-loraplex-version"], plain.headers["x-loraplex-route"]) == ("1", "champion")
+        assert plain.json()["choices"][0]["text"].startswith("legal@1:0")
+        streamed = _complete(client, stream=True)
+        assert streamed.status_code == 200 and streamed.headers["x-loraplex-version"] == "1"
+        assert streamed.text.rstrip().endswith("data: [DONE]")
+        # Remembered: the refused version is not asked for again while the retry window runs.
+        asked_for_2 = sum(r.adapter.version == "2" for r in refusing_shard.servicer.requests)
+        assert asked_for_2 == 1
+        pinned = _complete(client, model="legal@2")
+        assert pinned.status_code == 503 and pinned.json()["error"]["code"] == "adapter_unavailable"
+        assert 'loraplex_gateway_version_fallbacks_total{adapter="legal"} 2.0' in client.get("/metrics").text
+
+
+def test_without_a_last_good_version_the_refusal_is_a_503(tmp_path, tenants_file, refusing_shard):
+    source = StaticRoutingSource.from_mapping({"legal": {"champion": "2"}})
+    refusing_shard.servicer.refused.add(("legal", "2"))
+    with _client(tmp_path, tenants_file, refusing_shard, source) as client:
+        response = _complete(client)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "adapter_unavailable"
+        assert response.headers["retry-after"]
+
+
+def test_repaired_version_is_tried_again_after_the_retry_window():
+    now = [0.0]
+    last_good = LastGoodVersions(retry_refused_s=10.0, clock=lambda: now[0])
+    served = RouteDecision("legal", "legal", "1", "champion")
+    promoted = RouteDecision("legal", "legal", "2", "champion")
+    last_good.served(served, "1")
+    fallback = last_good.after_refusal(promoted)
+    assert fallback == RouteDecision("legal", "legal", "1", "champion")
+    assert last_good.substitute(promoted).version == "1"
+    now[0] = 10.5
+    assert last_good.substitute(promoted).version == "2"  # retried once the window is over
+    last_good.served(promoted, "2")
+    assert last_good.last_good("legal") == "2" and not last_good.is_refused("legal", "2")
+
+
+def test_canary_refused_goes_to_the_champion_and_pinned_or_base_never_fall_back():
+    last_good = LastGoodVersions()
+    last_good.served(RouteDecision("legal", "legal", "1", "champion"), "1")
+    canary = RouteDecision("legal", "legal", "3", "canary", "4")
+    assert last_good.fallback_for(canary) == RouteDecision("legal", "legal", "1", "champion", "4")
+    assert last_good.fallback_for(RouteDecision("legal@3", "legal", "3", "pinned")) is None
+    assert last_good.fallback_for(RouteDecision("base", "", "", "base")) is None
+    # A canary answer does not become the champion's fallback.
+    last_good.served(RouteDecision("legal", "legal", "3", "canary"), "3")
+    assert last_good.last_good("legal") == "1"
