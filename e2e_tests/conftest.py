@@ -31,3 +31,7 @@ def client(stack) -> httpx.Client:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+# A stack started in-process whose parts the fault tests break (e2e_tests/fault_stack.py).
+from e2e_tests.fault_stack import fault_stack  # noqa: E402,F401

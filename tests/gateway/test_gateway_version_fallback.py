@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from gateway_fixtures import ACME_KEY, auth
+from gateway_fixtures import ACME_KEY, ADMIN_KEY, auth
 from gateway_scripted_shard import ScriptedShard, ScriptedShardServer
 from litestar.testing import TestClient
 
@@ -76,6 +76,8 @@ def test_refused_champion_falls_back_to_the_last_good_version(tmp_path, tenants_
         pinned = _complete(client, model="legal@2")
         assert pinned.status_code == 503 and pinned.json()["error"]["code"] == "adapter_unavailable"
         assert 'loraplex_gateway_version_fallbacks_total{adapter="legal"} 2.0' in client.get("/metrics").text
+        fallback = client.get("/admin/shards", headers=auth(ADMIN_KEY)).json()["version_fallback"]
+        assert fallback["last_good"] == {"legal": "1"} and set(fallback["refused"]) == {"legal@2"}
 
 
 def test_without_a_last_good_version_the_refusal_is_a_503(tmp_path, tenants_file, refusing_shard):

@@ -1,0 +1,460 @@
+"""The gateway's own latency: p50/p99 added over calling the shard's gRPC directly.
+
+    python bench/gateway_overhead.py [--quick] [--out bench/results]
+
+One real shard (`python -m shard`, demo base model, the demo `legal` adapter from its folder) and
+one real gateway (`python -m gateway`) in front of it. `concurrency` clients send 1-token
+completions, in batches that alternate between the two paths - straight to the shard's `Generate`
+and through the gateway's `POST /v1/completions` - so both see the same machine load and the same
+shard; the added latency is the difference of the two paths' percentiles, per round and overall.
+Issue 5's goal: at most 2 ms p50 added at 64 concurrent clients.
+
+Writes gateway_overhead.json and gateway_overhead.png into --out. Timings on a shared machine are
+noisy: read the per-round spread in the JSON before trusting a single number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+GOAL_P50_ADDED_MS = 2.0
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    concurrency: int
+    rounds: int
+    requests_per_batch: int
+    warmup_requests: int
+    max_tokens: int = 1
+    quantization: str = "bf16"
+    shard_max_batch: int = 64
+
+
+# Many short interleaved rounds: other work on a shared machine moves both paths' latency from one
+# batch to the next, and a difference taken within a round cancels most of that drift.
+FULL = Profile("full", concurrency=64, rounds=16, requests_per_batch=320, warmup_requests=256)
+QUICK = Profile("quick", concurrency=64, rounds=8, requests_per_batch=192, warmup_requests=128)
+TOY = Profile("toy", concurrency=4, rounds=2, requests_per_batch=12, warmup_requests=4, shard_max_batch=8)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summary_ms(latencies_s: list[float]) -> dict[str, float]:
+    ms = [x * 1000.0 for x in latencies_s]
+    return {"n": len(ms), "p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99), "mean": statistics.fmean(ms)}
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far (Linux /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by the shard, the gateway and this (client) process during one batch."""
+
+    def __init__(self, pids: dict[str, int | None]):
+        self.pids = pids
+
+    def read(self) -> dict[str, float | None]:
+        return {**{name: process_cpu_s(pid) for name, pid in self.pids.items()}, "client": time.process_time()}
+
+    @staticmethod
+    def per_request_ms(before: dict, after: dict, requests: int) -> dict[str, float | None]:
+        return {
+            name: None if before[name] is None or after[name] is None else (after[name] - before[name]) * 1000.0 / max(1, requests)
+            for name in before
+        }
+
+
+# ---- the processes ----------------------------------------------------------------------------
+
+
+class BenchProcesses:
+    """A shard and a gateway on loopback, stopped by process group when done."""
+
+    def __init__(self, base_dir: Path, adapter_dir: Path, work_dir: Path, profile: Profile, torch_threads: int = 1):
+        self.base_dir, self.adapter_dir, self.work_dir, self.profile = base_dir, adapter_dir, work_dir, profile
+        self.torch_threads = torch_threads
+        self.api_key = "bench-" + hashlib.sha256(os.urandom(16)).hexdigest()[:24]
+        self.shard = None
+        self.gateway = None
+        self.shard_address = ""
+        self.gateway_url = ""
+
+    def __enter__(self) -> BenchProcesses:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        import yaml
+
+        from loraplex.stack.local_stack import gateway_is_ready, shard_is_serving
+        from loraplex.stack.ports import free_port
+        from loraplex.stack.processes import ManagedProcess
+
+        logs = self.work_dir / "logs"
+        shard_port, gateway_port = free_port(), free_port()
+        self.shard_address = f"{LOOPBACK}:{shard_port}"
+        clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_SHARD_", "LORAPLEX_GATEWAY_"))}
+        shard_env = {
+            **clean_env,
+            "LORAPLEX_SHARD_SHARD_ID": "bench-shard",
+            "LORAPLEX_SHARD_HOST": LOOPBACK,
+            "LORAPLEX_SHARD_PORT": str(shard_port),
+            "LORAPLEX_SHARD_MODEL_DIR": str(self.base_dir),
+            "LORAPLEX_SHARD_QUANTIZATION": self.profile.quantization,
+            "LORAPLEX_SHARD_ADAPTER_DIRS": json.dumps({"legal": str(self.adapter_dir)}),
+            "LORAPLEX_SHARD_MAX_BATCH_SIZE": str(self.profile.shard_max_batch),
+            "LORAPLEX_SHARD_MAX_QUEUE": str(max(64, 2 * self.profile.concurrency)),
+            "LORAPLEX_SHARD_TORCH_THREADS": str(self.torch_threads),
+            "LORAPLEX_SHARD_LOG_LEVEL": "WARNING",
+        }
+        self.shard = ManagedProcess("shard", [sys.executable, "-m", "shard"], log_path=logs / "shard.log", env=shard_env)
+        self.shard.start()
+
+        tenants = self.work_dir / "tenants.yaml"
+        tenants.write_text(
+            yaml.safe_dump(
+                {
+                    "admin_key_sha256": hashlib.sha256(b"bench-admin-" + os.urandom(8)).hexdigest(),
+                    "tenants": [
+                        {
+                            "name": "bench",
+                            "key_sha256": [hashlib.sha256(self.api_key.encode()).hexdigest()],
+                            "adapters": ["legal", "base"],
+                            "limits": {"concurrent_requests": 10 * self.profile.concurrency, "tokens_per_minute": 100_000_000},
+                        }
+                    ],
+                }
+            )
+        )
+        gateway_env = {
+            **clean_env,
+            "LORAPLEX_GATEWAY_HOST": LOOPBACK,
+            "LORAPLEX_GATEWAY_PORT": str(gateway_port),
+            "LORAPLEX_GATEWAY_SHARD_ADDRESSES": self.shard_address,
+            "LORAPLEX_GATEWAY_TENANTS_FILE": str(tenants),
+            "LORAPLEX_GATEWAY_STATIC_ROUTES": json.dumps({"legal": {"champion": "local"}}),
+        }
+        self.gateway = ManagedProcess(
+            "gateway", [sys.executable, "-m", "gateway", "--log-level", "warning"], log_path=logs / "gateway.log", env=gateway_env
+        )
+        self.gateway.start()
+        self.gateway_url = f"http://{LOOPBACK}:{gateway_port}"
+        self.shard.wait_until(lambda: shard_is_serving(self.shard_address), 300)
+        self.gateway.wait_until(lambda: gateway_is_ready(self.gateway_url), 120)
+
+    def stop(self) -> None:
+        for process in (self.gateway, self.shard):
+            if process is not None:
+                process.stop()
+
+
+# ---- the two paths --------------------------------------------------------------------------------
+
+
+class DirectPath:
+    """The shard's `Generate`, read to its last chunk - what the gateway does for a non-streamed request."""
+
+    name = "direct"
+
+    def __init__(self, address: str, prompt: str, max_tokens: int):
+        import grpc
+
+        from protos import shard_pb2, shard_pb2_grpc
+
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = shard_pb2_grpc.ShardStub(self._channel)
+        self._request = shard_pb2.GenerateRequest(
+            adapter=shard_pb2.AdapterRef(name="legal", version="local"),
+            prompt=prompt,
+            sampling=shard_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        )
+
+    async def send(self) -> None:
+        async for chunk in self._stub.Generate(self._request, timeout=120):
+            if chunk.finish_reason:
+                return
+        raise RuntimeError("the shard ended the stream without a finish reason")
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class HttpxGatewayPath:
+    """`POST /v1/completions` through the gateway with httpx, over keep-alive connections (one per client)."""
+
+    name = "gateway"
+    client_library = "httpx"
+
+    def __init__(self, url: str, api_key: str, prompt: str, max_tokens: int, concurrency: int):
+        import httpx
+
+        self._client = httpx.AsyncClient(
+            base_url=url,
+            timeout=120,
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._body = {"model": "legal", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+
+    async def send(self) -> None:
+        response = await self._client.post("/v1/completions", json=self._body, headers=self._headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"gateway answered {response.status_code}: {response.text[:200]}")
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class AiohttpGatewayPath:
+    """The same with aiohttp (C HTTP parser): the client's own CPU cost is far smaller than httpx's,
+    and on a 2-core machine the client competes with the gateway for the same cores."""
+
+    name = "gateway"
+    client_library = "aiohttp"
+
+    def __init__(self, url: str, api_key: str, prompt: str, max_tokens: int, concurrency: int):
+        import aiohttp
+
+        self._url = f"{url}/v1/completions"
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=120)
+        )
+        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self._body = json.dumps({"model": "legal", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+
+    async def send(self) -> None:
+        async with self._session.post(self._url, data=self._body, headers=self._headers) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"gateway answered {response.status}: {body[:200]!r}")
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def gateway_path_class():
+    """aiohttp when installed (MLflow depends on it), else httpx (a pinned dependency)."""
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return HttpxGatewayPath
+    return AiohttpGatewayPath
+
+
+async def run_batch(path, requests: int, concurrency: int) -> dict:
+    """`requests` calls by `concurrency` clients in a closed loop; per-request latencies in seconds."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    remaining = iter(range(requests))
+
+    async def client() -> None:
+        for _ in remaining:
+            started = time.perf_counter()
+            try:
+                await path.send()
+            except Exception as error:  # counted and reported, never hidden
+                errors.append(repr(error)[:200])
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return {"latencies": latencies, "errors": errors, "seconds": time.perf_counter() - started}
+
+
+async def measure(processes: BenchProcesses, profile: Profile, prompt: str, log=print, gateway_path=None) -> dict:
+    cpu = CpuMeter({"shard": processes.shard.pid, "gateway": processes.gateway.pid})
+    direct = DirectPath(processes.shard_address, prompt, profile.max_tokens)
+    via_gateway = (gateway_path or gateway_path_class())(processes.gateway_url, processes.api_key, prompt, profile.max_tokens, profile.concurrency)
+    rounds = []
+    all_latencies = {"direct": [], "gateway": []}
+    try:
+        for path in (direct, via_gateway):  # connections open, adapter loaded, code paths warm
+            warm = await run_batch(path, profile.warmup_requests, profile.concurrency)
+            if warm["errors"]:
+                raise RuntimeError(f"warm-up on the {path.name} path failed: {warm['errors'][:3]}")
+        for index in range(profile.rounds):
+            order = (direct, via_gateway) if index % 2 == 0 else (via_gateway, direct)
+            this_round = {"round": index, "order": [p.name for p in order]}
+            for path in order:
+                cpu_before = cpu.read()
+                batch = await run_batch(path, profile.requests_per_batch, profile.concurrency)
+                cpu_ms = CpuMeter.per_request_ms(cpu_before, cpu.read(), len(batch["latencies"]))
+                if batch["errors"]:
+                    raise RuntimeError(f"{len(batch['errors'])} {path.name} requests failed: {batch['errors'][:3]}")
+                all_latencies[path.name].extend(batch["latencies"])
+                this_round[path.name] = {
+                    **summary_ms(batch["latencies"]),
+                    "requests_per_s": len(batch["latencies"]) / batch["seconds"],
+                    "cpu_ms_per_request": cpu_ms,
+                }
+            this_round["added_p50_ms"] = this_round["gateway"]["p50"] - this_round["direct"]["p50"]
+            this_round["added_p99_ms"] = this_round["gateway"]["p99"] - this_round["direct"]["p99"]
+            rounds.append(this_round)
+            log(
+                f"round {index}: direct p50 {this_round['direct']['p50']:.1f} ms, gateway p50 {this_round['gateway']['p50']:.1f} ms, "
+                f"added p50 {this_round['added_p50_ms']:.1f} ms, p99 {this_round['added_p99_ms']:.1f} ms"
+            )
+    finally:
+        await direct.close()
+        await via_gateway.close()
+    overall = {name: summary_ms(values) for name, values in all_latencies.items()}
+    cpu_per_request = {
+        path: {
+            proc: statistics.median([r[path]["cpu_ms_per_request"][proc] for r in rounds if r[path]["cpu_ms_per_request"][proc] is not None] or [float("nan")])
+            for proc in ("shard", "gateway", "client")
+        }
+        for path in ("direct", "gateway")
+    }
+    throughput = {path: statistics.median([r[path]["requests_per_s"] for r in rounds]) for path in ("direct", "gateway")}
+    added_p50 = [r["added_p50_ms"] for r in rounds]
+    added_p99 = [r["added_p99_ms"] for r in rounds]
+    return {
+        "http_client": via_gateway.client_library,
+        "overall": overall,
+        # Headline: the median over rounds of (gateway - direct) within a round; pooled percentiles
+        # mix rounds taken under different machine load.
+        "added_ms": {
+            "p50": statistics.median(added_p50),
+            "p99": statistics.median(added_p99),
+            "p50_range": [min(added_p50), max(added_p50)],
+            "p99_range": [min(added_p99), max(added_p99)],
+            "pooled_p50": overall["gateway"]["p50"] - overall["direct"]["p50"],
+            "pooled_p99": overall["gateway"]["p99"] - overall["direct"]["p99"],
+        },
+        "cpu_ms_per_request": cpu_per_request,
+        "requests_per_s": throughput,
+        "rounds": rounds,
+        "latencies_ms": {name: [round(x * 1000.0, 3) for x in values] for name, values in all_latencies.items()},
+    }
+
+
+def analysis(measurement: dict) -> dict:
+    """Why the added latency is what it is: in a closed loop of N clients latency ~ N / throughput,
+    and on a machine whose cores the shard, the gateway and the clients share, throughput falls by
+    the extra CPU each request costs on the gateway path."""
+    cpu = measurement["cpu_ms_per_request"]
+    total = {path: sum(v for v in cpu[path].values() if v == v) for path in ("direct", "gateway")}  # v == v: not NaN
+    rps = measurement["requests_per_s"]
+    return {
+        "cpu_ms_per_request_all_processes": total,
+        "cpu_ratio_gateway_over_direct": total["gateway"] / total["direct"] if total["direct"] else None,
+        "throughput_ratio_direct_over_gateway": rps["direct"] / rps["gateway"] if rps["gateway"] else None,
+    }
+
+
+def write_outputs(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "gateway_overhead.json", out_dir / "gateway_overhead.png"
+    json_path.write_text(json.dumps(result, indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cdf, per_round) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, values in result["measurement"]["latencies_ms"].items():
+        ordered = sorted(values)
+        cdf.plot(ordered, [i / max(1, len(ordered) - 1) for i in range(len(ordered))], label=name)
+    cdf.set_xlabel("latency per 1-token completion (ms)")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_title(f"{result['profile']['concurrency']} concurrent clients")
+    cdf.legend()
+    rounds = result["measurement"]["rounds"]
+    xs = [r["round"] for r in rounds]
+    per_round.plot(xs, [r["added_p50_ms"] for r in rounds], "o-", label="added p50")
+    per_round.plot(xs, [r["added_p99_ms"] for r in rounds], "s-", label="added p99")
+    per_round.axhline(GOAL_P50_ADDED_MS, color="gray", linestyle="--", label=f"goal p50 ≤ {GOAL_P50_ADDED_MS:g} ms")
+    per_round.set_xlabel("round (direct and gateway batches interleaved)")
+    per_round.set_ylabel("gateway - direct (ms)")
+    per_round.set_title("latency the gateway adds")
+    per_round.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return json_path, png_path
+
+
+def run(profile: Profile, out_dir: Path, work_dir: Path | None = None, log=print) -> dict:
+    from loraplex.demo import ensure_demo_assets
+
+    assets = ensure_demo_assets(progress=False)
+    with tempfile.TemporaryDirectory(prefix="gateway-overhead-") as scratch:
+        work = Path(work_dir or scratch)
+        with BenchProcesses(Path(assets.base_dir), Path(assets.adapters["legal"]), work, profile) as processes:
+            log(f"shard {processes.shard_address}, gateway {processes.gateway_url}; {profile.rounds} rounds")
+            measurement = asyncio.run(measure(processes, profile, "Q: hi\nA:", log))
+            # One client: the gateway's own per-request latency, without queueing behind 63 others.
+            single = replace(profile, concurrency=1, rounds=max(2, profile.rounds // 2), requests_per_batch=max(8, profile.requests_per_batch // 8))
+            single_measurement = asyncio.run(measure(processes, single, "Q: hi\nA:", log))
+    added = measurement["added_ms"]
+    result = {
+        "benchmark": "gateway_overhead",
+        "profile": asdict(profile),
+        "goal": {"added_p50_ms_at_most": GOAL_P50_ADDED_MS, "met": added["p50"] <= GOAL_P50_ADDED_MS},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "measurement": measurement,
+        "single_client": {k: v for k, v in single_measurement.items() if k != "latencies_ms"},
+        "analysis": analysis(measurement),
+    }
+    json_path, png_path = write_outputs(result, out_dir)
+    log(
+        f"added by the gateway at {profile.concurrency} clients: p50 {added['p50']:.2f} ms, p99 {added['p99']:.2f} ms "
+        f"(goal p50 ≤ {GOAL_P50_ADDED_MS} ms: {'met' if result['goal']['met'] else 'missed'}); at 1 client: "
+        f"p50 {single_measurement['added_ms']['p50']:.2f} ms; gateway CPU per request "
+        f"{measurement['cpu_ms_per_request']['gateway']['gateway']:.2f} ms; {json_path}, {png_path}"
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
+    parser.add_argument("--toy", action="store_true", help="a few requests at 4 clients (for tests)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    profile = TOY if args.toy else QUICK if args.quick else FULL
+    run(profile, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
