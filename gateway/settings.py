@@ -6,26 +6,19 @@ mapping fields (`static_routes`) take JSON.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import yaml
+from loraplex.layered_settings import LayeredSettings, SettingsError
 
-ENV_PREFIX = "LORAPLEX_GATEWAY_"
-
-
-class SettingsError(ValueError):
-    """A setting is missing, unknown or has a value of the wrong kind."""
-
+__all__ = ["GatewaySettings", "SettingsError"]
 
 @dataclass(frozen=True)
-class GatewaySettings:
+class GatewaySettings(LayeredSettings):
+    ENV_PREFIX: ClassVar[str] = "LORAPLEX_GATEWAY_"
+    SECTION: ClassVar[str] = "gateway"
+
     host: str = "127.0.0.1"
     port: int = 8000
     # Shards: a static list of host:port, or a DNS name whose A records are re-resolved
@@ -67,29 +60,7 @@ class GatewaySettings:
     # the adapter's last version that served keeps serving.
     refused_version_retry_s: float = 30.0
 
-    @classmethod
-    def load(cls, config_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> GatewaySettings:
-        values: dict[str, Any] = {}
-        if config_file:
-            values.update(_read_config_file(Path(config_file)))
-        env = os.environ if environ is None else environ
-        for f in dataclasses.fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = raw
-        return cls.from_mapping(values)
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> GatewaySettings:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise SettingsError(f"unknown gateway settings: {', '.join(unknown)}")
-        defaults = cls()
-        converted = {name: _convert(name, type(getattr(defaults, name)), value) for name, value in values.items()}
-        settings = cls(**converted)
-        settings.validate()
-        return settings
 
     def validate(self) -> None:
         if not (0 < self.port < 65536) and self.port != 0:
@@ -103,41 +74,3 @@ class GatewaySettings:
             raise SettingsError("ring_load_epsilon must be positive")
         if self.health_interval_s <= 0 or self.request_timeout_s <= 0:
             raise SettingsError("intervals and timeouts must be positive")
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SettingsError(f"config file not found: {path}")
-    text = path.read_text()
-    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SettingsError(f"config file {path} must hold a mapping")
-    # A shared config file may hold every service's settings under its own key.
-    if isinstance(data.get("gateway"), dict):
-        data = data["gateway"]
-    return data
-
-
-def _convert(name: str, kind: type, value: Any) -> Any:
-    try:
-        if kind is tuple:
-            if isinstance(value, str):
-                return tuple(part.strip() for part in value.split(",") if part.strip())
-            return tuple(str(v) for v in value)
-        if kind is dict:
-            if isinstance(value, str):
-                value = json.loads(value) if value.strip() else {}
-            if not isinstance(value, Mapping):
-                raise TypeError("expected a mapping")
-            return dict(value)
-        if kind is bool:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise TypeError("expected an integer")
-        return kind(value)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"setting {name}: cannot use {value!r} ({exc})") from exc

@@ -5,28 +5,23 @@ then env vars ``LORAPLEX_SHARD_<FIELD>`` (upper case). ``adapter_dirs`` takes JS
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
-import yaml
+from loraplex.layered_settings import LayeredSettings, SettingsError
 
-ENV_PREFIX = "LORAPLEX_SHARD_"
+__all__ = ["ShardSettings", "SettingsError", "QUANTIZATIONS", "ADAPTER_DTYPES"]
+
 QUANTIZATIONS = ("nf4", "int8", "bf16", "fp32")
 ADAPTER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
-class SettingsError(ValueError):
-    """A setting is missing, unknown or has a value of the wrong kind."""
-
-
 @dataclass(frozen=True)
-class ShardSettings:
+class ShardSettings(LayeredSettings):
+    ENV_PREFIX: ClassVar[str] = "LORAPLEX_SHARD_"
+    SECTION: ClassVar[str] = "shard"
+
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port (the ready line says which)
     shard_id: str = "shard-0"
@@ -53,29 +48,7 @@ class ShardSettings:
     drain_timeout_s: float = 30.0
     log_level: str = "INFO"
 
-    @classmethod
-    def load(cls, config_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> "ShardSettings":
-        values: dict[str, Any] = {}
-        if config_file:
-            values.update(_read_config_file(Path(config_file)))
-        env = os.environ if environ is None else environ
-        for f in dataclasses.fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = raw
-        return cls.from_mapping(values)
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "ShardSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SettingsError(f"unknown shard settings: {', '.join(unknown)}")
-        defaults = cls()
-        converted = {name: _convert(name, type(getattr(defaults, name)), value) for name, value in values.items()}
-        settings = cls(**converted)
-        settings.validate()
-        return settings
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -100,37 +73,3 @@ class ShardSettings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SettingsError(f"config file not found: {path}")
-    text = path.read_text()
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise SettingsError(f"config file {path} cannot be parsed: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SettingsError(f"config file {path} must hold a mapping")
-    if isinstance(data.get("shard"), dict):
-        data = data["shard"]
-    return data
-
-
-def _convert(name: str, kind: type, value: Any) -> Any:
-    try:
-        if kind is dict:
-            if isinstance(value, str):
-                value = json.loads(value) if value.strip() else {}
-            if not isinstance(value, Mapping):
-                raise TypeError("expected a mapping")
-            return {str(k): str(v) for k, v in value.items()}
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise TypeError("expected an integer")
-        if kind is int and isinstance(value, bool):
-            raise TypeError("expected an integer")
-        return kind(value)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"setting {name}: cannot use {value!r} ({exc})") from exc
