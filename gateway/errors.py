@@ -5,7 +5,9 @@ Choices (documented in the OpenAPI schema too):
 - a granted adapter with no `champion` in the registry, or a pinned version the registry does
   not know, answers 404 `model_not_found` - the tenant is granted the name, so existence is no secret;
 - FAILED_PRECONDITION (the shard refused the adapter version: corrupt, wrong base) answers 503
-  `adapter_unavailable`: the caller did nothing wrong and a promotion fixes it.
+  `adapter_unavailable`: the caller did nothing wrong and a promotion fixes it. For the champion
+  and canary routes the gateway first falls back to the adapter's last good version
+  (gateway/version_fallback.py), so a broken promotion does not take over; pinned requests see the 503.
 """
 
 from __future__ import annotations

@@ -11,11 +11,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
+# Litestar 2.25 drops a zero lower bound from the OpenAPI schema (it tests the bound for truth),
+# so the schema would accept negative values the validator rejects; `extra` restates it.
+_FROM_ZERO = {"extra": {"minimum": 0}}
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0, extra_json_schema=_FROM_ZERO)]
+TopP = Annotated[float, Meta(ge=0.0, le=1.0, extra_json_schema=_FROM_ZERO)]
 PositiveInt = Annotated[int, Meta(ge=1)]
-NonNegativeInt = Annotated[int, Meta(ge=0)]
-Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+# Bounded by the shard contract's uint32: a larger value cannot be sent and was a 500.
+TopK = Annotated[int, Meta(ge=0, le=2**32 - 1, extra_json_schema=_FROM_ZERO)]
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1, extra_json_schema=_FROM_ZERO)]
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -27,7 +31,7 @@ class _SamplingFields(Struct, kw_only=True):
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: NonNegativeInt | None = None  # loraplex extension
+    top_k: TopK | None = None  # loraplex extension
     n: PositiveInt | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -16,6 +16,7 @@ from gateway import errors
 from gateway.app_lifecycle import call_blocking_or_async
 from gateway.errors import OpenAIError, bad_request
 from gateway.routes.auth import require_admin
+from gateway.routes.operation_docs import DocumentedOperation
 from gateway.routes.responses import ADMIN_ERRORS
 from gateway.state import GatewayParts, Parts
 from protos import shard_pb2
@@ -61,7 +62,7 @@ async def _on_shards(parts: GatewayParts, shards: list[str], call) -> dict:
     return dict(await asyncio.gather(*(one(s) for s in shards)))
 
 
-@get("/shards", responses=ADMIN_ERRORS, summary="Shards, their health and the placement ring")
+@get("/shards", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, summary="Shards, their health and the placement ring")
 async def list_shards(parts: Parts) -> dict:
     ring = parts.pool.ring
     placement = {}
@@ -75,10 +76,12 @@ async def list_shards(parts: Parts) -> dict:
         "shards": [s.describe() for s in parts.pool.all()],
         "ring": {"members": ring.shards, "virtual_nodes": ring.virtual_nodes, "epsilon": ring.epsilon, "hot_inflight": ring.hot_inflight},
         "placement": placement,
+        # Versions the shards refused and the last good ones serving in their place.
+        "version_fallback": parts.service.last_good.snapshot(),
     }
 
 
-@get("/shards/{shard_id:str}/adapters", responses=ADMIN_ERRORS, summary="A shard's adapter cache (ListAdapters)")
+@get("/shards/{shard_id:str}/adapters", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, summary="A shard's adapter cache (ListAdapters)")
 async def shard_adapters(shard_id: FromPath[str], parts: Parts) -> dict:
     state = parts.pool.get(shard_id)
     if state is None:
@@ -90,7 +93,7 @@ async def shard_adapters(shard_id: FromPath[str], parts: Parts) -> dict:
     return {"shard": shard_id, **MessageToDict(reply, preserving_proto_field_name=True)}
 
 
-@post("/adapters/load", responses=ADMIN_ERRORS, status_code=200, summary="Load an adapter version on the shards that own it")
+@post("/adapters/load", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Load an adapter version on the shards that own it")
 async def load_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
     version, shards = _targets(parts, data)
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
@@ -99,7 +102,7 @@ async def load_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
     return {"adapter": data.adapter, "version": version, "shards": results}
 
 
-@post("/adapters/unload", responses=ADMIN_ERRORS, status_code=200, summary="Unload (or only unpin) an adapter version on shards")
+@post("/adapters/unload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Unload (or only unpin) an adapter version on shards")
 async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
     if not data.version:
         raise bad_request("'version' is required to unload.", "version")
@@ -112,7 +115,7 @@ async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
     return {"adapter": data.adapter, "version": version, "shards": results}
 
 
-@post("/adapters/pin", responses=ADMIN_ERRORS, status_code=200, summary="Pin (pin=true) or unpin (pin=false) an adapter version")
+@post("/adapters/pin", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Pin (pin=true) or unpin (pin=false) an adapter version")
 async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
     version, shards = _targets(parts, data)
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
@@ -125,7 +128,7 @@ async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
     return {"adapter": data.adapter, "version": version, "pinned": data.pin, "shards": results}
 
 
-@post("/routing/reload", responses=ADMIN_ERRORS, status_code=200, summary="Re-read the routing table and the tenants file now")
+@post("/routing/reload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Re-read the routing table and the tenants file now")
 async def reload_routing(parts: Parts) -> dict:
     source = parts.routing_source
     for name in ("poll_now", "reload"):
@@ -147,7 +150,7 @@ async def reload_routing(parts: Parts) -> dict:
     return {"adapters": adapters, "stale": bool(source.is_stale), "tenants_reloaded": tenants_reloaded, "tenants_error": parts.tenants.last_error}
 
 
-@get("/shadow", responses=ADMIN_ERRORS, summary="Recent shadow pairs and aggregates for an adapter")
+@get("/shadow", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, summary="Recent shadow pairs and aggregates for an adapter")
 async def shadow_pairs(adapter: FromQuery[str], parts: Parts) -> dict:
     recorder = parts.shadow_recorder
     return {

@@ -7,11 +7,12 @@ import time
 from litestar import Response, get
 from litestar.openapi.datastructures import ResponseSpec
 
+from gateway.routes.operation_docs import DocumentedOperation
 from gateway.routes.responses import error_responses
 from gateway.state import GatewayParts, Parts
 
 
-@get("/healthz", summary="Alive", responses=error_responses(405))
+@get("/healthz", summary="Alive", responses=error_responses(405), operation_class=DocumentedOperation)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -47,6 +48,7 @@ def readiness(parts: Parts) -> tuple[bool, dict]:
     "/readyz",
     summary="Ready: a routing table and at least one healthy shard",
     responses={503: ResponseSpec(dict, description="Not ready; the body says why (see Retry-After)"), **error_responses(405)},
+    operation_class=DocumentedOperation,
 )
 async def readyz(parts: Parts) -> Response:
     ready, details = readiness(parts)
@@ -55,7 +57,13 @@ async def readyz(parts: Parts) -> Response:
     return Response(details, status_code=503, headers={"retry-after": "1"})
 
 
-@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", responses=error_responses(405))
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    media_type="text/plain; version=0.0.4",
+    responses=error_responses(405),
+    operation_class=DocumentedOperation,
+)
 async def metrics(parts: Parts) -> Response:
     m = parts.metrics
     source = parts.routing_source

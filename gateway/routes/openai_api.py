@@ -19,14 +19,14 @@ from gateway.openai_schema import (
     ModelList,
 )
 from gateway.routes.auth import require_tenant, tenant_of
+from gateway.routes.operation_docs import (
+    SESSION_HEADER,
+    STREAM_DOC,
+    DocumentedOperation,
+    StreamingOperation,
+)
 from gateway.routes.responses import AUTH_ERRORS, GENERATION_ERRORS
 from gateway.state import GatewayParts, Parts
-
-SESSION_HEADER = "x-loraplex-session"
-_STREAM_DOC = (
-    "With `stream: true` the answer is `text/event-stream`: `data: {chunk}` events, then `data: [DONE]`;"
-    " a stream cut midway ends with a `data: {\"error\": …}` event and no `[DONE]`."
-)
 
 
 async def _answer(request: Request, parts: GatewayParts, body) -> Response:
@@ -45,7 +45,11 @@ async def _answer(request: Request, parts: GatewayParts, body) -> Response:
     "/v1/completions",
     guards=[require_tenant],
     status_code=200,
-    responses={200: ResponseSpec(CompletionResponse, description="The completion. " + _STREAM_DOC), **GENERATION_ERRORS},
+    responses={
+        200: ResponseSpec(CompletionResponse, description="The completion. " + STREAM_DOC, generate_examples=False),
+        **GENERATION_ERRORS,
+    },
+    operation_class=StreamingOperation,
     summary="Create a completion (OpenAI-compatible)",
 )
 async def create_completion(request: Request, data: JSONBody[CompletionRequest], parts: Parts) -> Response:
@@ -56,14 +60,20 @@ async def create_completion(request: Request, data: JSONBody[CompletionRequest],
     "/v1/chat/completions",
     guards=[require_tenant],
     status_code=200,
-    responses={200: ResponseSpec(ChatCompletionResponse, description="The chat completion. " + _STREAM_DOC), **GENERATION_ERRORS},
+    responses={
+        200: ResponseSpec(ChatCompletionResponse, description="The chat completion. " + STREAM_DOC, generate_examples=False),
+        **GENERATION_ERRORS,
+    },
+    operation_class=StreamingOperation,
     summary="Create a chat completion (OpenAI-compatible; the shard applies the base model's chat template)",
 )
 async def create_chat_completion(request: Request, data: JSONBody[ChatCompletionRequest], parts: Parts) -> Response:
     return await _answer(request, parts, data)
 
 
-@get("/v1/models", guards=[require_tenant], responses=AUTH_ERRORS, summary="Models this key may use")
+@get(
+    "/v1/models", guards=[require_tenant], responses=AUTH_ERRORS, operation_class=DocumentedOperation, summary="Models this key may use"
+)
 async def list_models(request: Request, parts: Parts) -> ModelList:
     tenant = tenant_of(request)
     created = int(parts.routing_source.last_success_unix or time.time())
