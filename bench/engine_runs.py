@@ -1,0 +1,137 @@
+"""Driving loraplex's engine for the benchmark: the real Engine, LoRA runtime and tiered adapter
+cache, fed through their public calls (submit / run_once / request handles / cache.load)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.run_result import RunResult
+from bench.workloads import BenchRequest
+from shard.engine import Engine, GenerationRequest, SamplingOptions
+from shard.lora import LOCAL_VERSION, AdapterKey, LocalAdapterSource, TieredAdapterCache, install_multi_lora
+
+
+def adapter_key(name: str) -> AdapterKey:
+    return AdapterKey(name, LOCAL_VERSION)
+
+
+def generation_request(request: BenchRequest, prefix: str) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=f"{prefix}-{request.index}",
+        prompt_ids=list(request.prompt_ids),
+        adapter=adapter_key(request.adapter) if request.adapter is not None else None,
+        sampling=SamplingOptions(max_tokens=request.new_tokens),  # greedy
+    )
+
+
+@dataclass
+class LoraplexShard:
+    """The shard's compute core as `python -m shard` assembles it, minus gRPC."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    runtime: object
+    cache: TieredAdapterCache
+    max_batch: int
+
+    @classmethod
+    def build(cls, model, tokenizer, adapter_dirs: dict[str, Path], *, device_slots: int, max_rank: int,
+              host_capacity: int, disk_dir: Path, max_batch: int,
+              pool_dtype: torch.dtype | None = None) -> "LoraplexShard":
+        runtime = install_multi_lora(model, device_slots=device_slots, max_rank=max_rank, pool_dtype=pool_dtype)
+        cache = TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=host_capacity, disk_dir=disk_dir)
+        return cls(model, tokenizer, runtime, cache, max_batch)
+
+    def engine(self, *, context: int, max_queue: int = 256) -> Engine:
+        return Engine(
+            self.model,
+            self.tokenizer,
+            max_batch_size=self.max_batch,
+            max_queue=max_queue,
+            max_context=self.model.config.max_position_embeddings,
+            # One prefill forward admits the whole load: every later step is a pure decode step.
+            prefill_chunk_tokens=16384,
+            lora_runtime=self.runtime,
+            adapter_cache=self.cache,
+            initial_kv_columns=context,
+        )
+
+    def warm(self, names: list[str]) -> None:
+        for name in names:
+            self.cache.load(adapter_key(name))
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def context_for(requests: list[BenchRequest]) -> int:
+    return max(len(r.prompt_ids) + r.new_tokens for r in requests) + 1
+
+
+def paired_decode_steps(base_engine: Engine, lora_engine: Engine, base: list[BenchRequest],
+                        lora: list[BenchRequest]) -> dict[str, list[float]]:
+    """Run the same load on two idle engines over the same model, one step of each in turn (the
+    order flips every step), so each pair of decode steps sees the same machine load and the same
+    context length. Returns every pure decode step's seconds per side."""
+    engines = {"base": base_engine, "lora": lora_engine}
+    loads = {"base": base, "lora": lora}
+    for side, engine in engines.items():
+        for request in loads[side]:
+            engine.submit(generation_request(request, side))
+    times: dict[str, list[float]] = {"base": [], "lora": []}
+    for side, engine in engines.items():  # prefill + first decode step: not a decode-only step
+        engine.run_once()
+        if engine.stats().running != len(loads[side]):
+            raise RuntimeError(f"{side}: not every request started in the first step (adapters not resident?)")
+    order = ["base", "lora"]
+    in_flight = {"base": True, "lora": True}
+    while any(in_flight.values()):
+        for side in order:
+            if not in_flight[side]:
+                continue
+            engine = engines[side]
+            running = engine.stats().running
+            tokens_before = engine.stats().tokens_generated
+            started = time.perf_counter()
+            in_flight[side] = engine.run_once()
+            elapsed = time.perf_counter() - started
+            if engine.stats().tokens_generated - tokens_before != running:
+                raise RuntimeError(f"{side}: a step produced tokens for other than every running row")
+            times[side].append(elapsed)
+        order.reverse()
+    if len(times["base"]) != len(times["lora"]):
+        raise RuntimeError("the two sides ran different numbers of decode steps")
+    return times
+
+
+async def _serve_arrivals(engine: Engine, requests: list[BenchRequest], prefix: str) -> RunResult:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def one(request: BenchRequest) -> tuple[int, float]:
+        await asyncio.sleep(max(0.0, start + request.arrival_s - loop.time()))
+        handle = engine.submit(generation_request(request, prefix))
+        tokens = 0
+        async for chunk in handle:
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return tokens, loop.time() - start - request.arrival_s
+
+    results = await asyncio.gather(*(one(r) for r in requests))
+    seconds = loop.time() - start - min(r.arrival_s for r in requests)
+    return RunResult("loraplex", sum(t for t, _ in results), seconds, [lat for _, lat in results])
+
+
+def serve(engine: Engine, requests: list[BenchRequest], prefix: str = "run") -> RunResult:
+    """Submit each request at its arrival time to a started engine, from an asyncio loop as the
+    gRPC servicer does, and stream every answer to the end."""
+    result = asyncio.run(_serve_arrivals(engine, requests, prefix))
+    expected = sum(r.new_tokens for r in requests)
+    if result.tokens != expected:
+        raise RuntimeError(f"the engine produced {result.tokens} tokens, {expected} were asked for")
+    return result
