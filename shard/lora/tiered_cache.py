@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 DEVICE, HOST, DISK = "device", "host", "disk"
 _LOAD_TIME_WINDOW = 1000
+# An adapter loaded for a waiting request is not evicted before that request takes it (the
+# engine admits on its next step). Without this, with more distinct adapters waiting than slots,
+# each fresh load evicted the previous one before its request ran: 700+ evictions for 128
+# requests. The protection lapses so that a load whose request was cancelled cannot hold a slot.
+FRESH_LOAD_PROTECTION_S = 2.0
 
 Listener = Callable[[AdapterKey, "Exception | None"], None]
 
@@ -96,6 +101,8 @@ class _Entry:
     target_modules: list[str] = field(default_factory=list)
     size_bytes: int = 0
     sha256: str = ""
+    awaited: bool = False  # a waiting request asked for it (try_acquire), not an admin load
+    protected_until: float = 0.0  # monotonic time; see FRESH_LOAD_PROTECTION_S
 
 
 class CacheClosedError(AdapterError):
@@ -149,11 +156,13 @@ class TieredAdapterCache:
             entry = self._entry(key)
             if entry.slot is not None:
                 entry.refcount += 1
+                entry.protected_until = 0.0
                 self._touch(entry)
                 self._counters[DEVICE].hits += 1
                 return entry.slot
             if entry.error is None and not entry.loading:
                 self._counters[DEVICE].misses += 1
+                entry.awaited = True
                 self._schedule(entry)
             return None
 
@@ -371,6 +380,9 @@ class TieredAdapterCache:
             entry = self._entries[key]
             self._reserved_slots.discard(slot)
             entry.slot = slot
+            if entry.awaited:
+                entry.protected_until = time.monotonic() + FRESH_LOAD_PROTECTION_S
+                entry.awaited = False
             entry.load_ms[DEVICE] = elapsed_ms
             self._counters[DEVICE].load_ms.append(elapsed_ms)
             entry.pinned = entry.pinned or entry.pin_on_load
@@ -447,18 +459,20 @@ class TieredAdapterCache:
                     self._slot_owner[slot] = key
                     self._reserved_slots.add(slot)
                     return slot
-                self._slot_freed.wait()
+                # Also wakes when a fresh load's protection lapses.
+                self._slot_freed.wait(timeout=FRESH_LOAD_PROTECTION_S)
 
     def _locked_free_or_victim_slot(self) -> int | None:
         for slot, owner in enumerate(self._slot_owner):
             if owner is None:
                 return slot
         victim: _Entry | None = None
+        now = time.monotonic()
         for slot, owner in enumerate(self._slot_owner):
             if slot in self._reserved_slots:
                 continue
             entry = self._entries[owner]
-            if entry.refcount > 0 or entry.pinned:
+            if entry.refcount > 0 or entry.pinned or entry.protected_until > now:
                 continue
             if victim is None or entry.last_used < victim.last_used:
                 victim = entry

@@ -237,3 +237,23 @@ def test_loads_into_other_slots_do_not_disturb_a_running_batch(tiny_llama, adapt
             engine.join(WAIT_S)
         assert diffs and max(diffs) == 0.0
         assert tiers(cache) == {"a": "device", "b": "device", "c": "device", "d": "device"}
+
+
+def test_a_load_for_a_waiting_request_is_not_evicted_before_the_request_takes_it(runtime, adapter_dirs):
+    """More distinct adapters waiting than slots: each fresh load must survive until its request
+    is admitted, or the loads evict one another and nothing runs (seen at 128 adapters / 32 slots)."""
+    with TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
+        wait_ready(cache, key("a"))  # both slots held by running requests
+        wait_ready(cache, key("b"))
+        done = {name: threading.Event() for name in ("c", "d")}
+        cache.add_listener(lambda k, e: done[k.name].set() if k.name in done else None)
+        assert cache.try_acquire(key("c")) is None  # two waiting requests schedule their loads
+        assert cache.try_acquire(key("d")) is None
+        cache.release(key("a"))  # a request ends: its slot goes to c
+        assert done["c"].wait(WAIT_S)
+        cache.release(key("b"))  # b, released after c loaded, is now the least recently used...
+        assert done["d"].wait(WAIT_S)
+        # ...so d takes b's slot; c, loaded but not yet taken by its request, stays.
+        assert tiers(cache) == {"a": "host", "b": "host", "c": "device", "d": "device"}
+        assert cache.try_acquire(key("c")) is not None and cache.try_acquire(key("d")) is not None
+        assert stats(cache)["device"].evictions == 2
