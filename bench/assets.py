@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bench.profiles import AdapterSpec, ModelSpec
+from shard.lora.synthetic import random_llama_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -26,23 +27,19 @@ def default_cache_dir() -> Path:
 
 
 def llama_config(spec: ModelSpec):
-    from transformers import LlamaConfig
-
-    # No end-of-sequence token: every system generates exactly the tokens asked for, so
-    # throughputs compare equal amounts of work.
-    return LlamaConfig(
+    config = random_llama_config(
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
         vocab_size=spec.vocab_size,
         max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
     )
+    # No end-of-sequence token: every system generates exactly the tokens asked for, so
+    # throughputs compare equal amounts of work.
+    config.bos_token_id = config.eos_token_id = None
+    return config
 
 
 def build_model(spec: ModelSpec, dtype: str = "fp32") -> nn.Module:
