@@ -44,7 +44,10 @@ def run_up(args: argparse.Namespace) -> int:
         stopping.set()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, request_stop)
+    # SIGINT too: a shell that starts a command in the background hands it SIGINT ignored, and
+    # Python then keeps ignoring it, so Ctrl-C (or `kill -INT`) would leave the stack running.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
     try:
         running = stack.start()
     except ProcessFailedToStart as error:
