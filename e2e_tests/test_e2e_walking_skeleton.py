@@ -133,3 +133,16 @@ def test_health_and_readiness(client):
     assert client.get("/healthz").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
+
+
+def test_chat_without_max_tokens_answers_until_it_stops(stack, demo_assets):
+    """Chat through the base tokenizer's template, with no max_tokens: like OpenAI's chat, the
+    answer runs to its end instead of being cut at the completions default of 16 tokens."""
+    client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key=stack.api_key, max_retries=0)
+    reply = client.chat.completions.create(
+        model="clinical", messages=[{"role": "user", "content": demo_assets.demo_prompt}], temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert has_marker(choice.message.content, demo_assets.style_markers["clinical"]), choice.message.content
+    assert reply.usage.completion_tokens > 16

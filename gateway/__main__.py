@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     async def startup(sockets=None):
         await original_startup(sockets=sockets)
         if server.started:
-            print(f"gateway ready on http://{settings.host}:{port}", flush=True)
+            # One write: print() writes the text and the newline separately, and a log line from
+            # another thread can land between them, breaking readers that look for this line.
+            sys.stdout.write(f"gateway ready on http://{settings.host}:{port}\n")
+            sys.stdout.flush()
 
     server.startup = startup
     server.run(sockets=[sock])

@@ -86,7 +86,11 @@ class CompletionService:
     ) -> PreparedRequest:
         chat = isinstance(body, ChatCompletionRequest)
         self._reject_unsupported(body)
-        max_tokens = (body.max_completion_tokens if chat else None) or body.max_tokens or self.settings.default_max_tokens
+        if chat:
+            default = self.settings.default_chat_max_tokens or self.settings.max_tokens_limit
+            max_tokens = body.max_completion_tokens or body.max_tokens or default
+        else:
+            max_tokens = body.max_tokens or self.settings.default_max_tokens
         if max_tokens > self.settings.max_tokens_limit:
             raise bad_request(
                 f"max_tokens is {max_tokens}; the limit is {self.settings.max_tokens_limit}.", "max_tokens", "max_tokens_too_large"

@@ -44,7 +44,10 @@ class GatewaySettings(LayeredSettings):
     max_prompt_tokens: int = 0  # 0 = not checked here (needs `tokenizer_dir`); the shard caps by context
     tokenizer_dir: str = ""
     max_tokens_limit: int = 1024
-    default_max_tokens: int = 16
+    default_max_tokens: int = 16  # completions without max_tokens, as OpenAI's legacy default
+    # Chat without max_tokens answers until it stops, as OpenAI's chat does: 0 = up to
+    # max_tokens_limit (the shard also caps by its context).
+    default_chat_max_tokens: int = 0
     request_timeout_s: float = 120.0
     # Placement.
     ring_virtual_nodes: int = 128
@@ -70,6 +73,8 @@ class GatewaySettings(LayeredSettings):
         for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.default_chat_max_tokens < 0:
+            raise SettingsError("default_chat_max_tokens must be >= 0")
         if self.ring_load_epsilon <= 0:
             raise SettingsError("ring_load_epsilon must be positive")
         if self.health_interval_s <= 0 or self.request_timeout_s <= 0:

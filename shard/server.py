@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -330,7 +331,8 @@ async def serve(
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         message = f"shard {settings.shard_id} ready on {settings.host}:{port}"
         log.info("%s (model loaded in %.1f s)", message, time.monotonic() - started)
-        print(message, flush=True)
+        sys.stdout.write(message + "\n")  # one write, so no log line lands inside it
+        sys.stdout.flush()
         if on_ready is not None:
             on_ready(port)
         await stop.wait()
