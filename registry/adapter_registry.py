@@ -275,34 +275,28 @@ class AdapterRegistry:
         aliases: dict[str, list[str]] = {}
         for entry in model.get("aliases") or []:
             aliases.setdefault(str(entry["version"]), []).append(entry["alias"])
-        found: list[dict] = []
-        page_token = None
-        while True:
-            params = {"filter": f"name='{name}'", "max_results": _SEARCH_PAGE}
-            if page_token:
-                params["page_token"] = page_token
-            reply = self.rest.get("model-versions/search", params)
-            found.extend(reply.get("model_versions") or [])
-            page_token = reply.get("next_page_token")
-            if not page_token:
-                break
+        found = self._search_all("model-versions/search", f"name='{name}'", "model_versions")
         return sorted(
             (_version_from_rest(mv, tuple(sorted(aliases.get(str(mv["version"]), [])))) for mv in found),
             key=lambda v: int(v.version),
         )
 
     def _search_adapter_models(self, retry: bool = True) -> list[dict]:
-        models: list[dict] = []
-        page_token = None
+        return self._search_all(
+            "registered-models/search", f"tags.`{TAG_ADAPTER}` = 'true'", "registered_models", retry=retry
+        )
+
+    def _search_all(self, endpoint: str, search_filter: str, items_key: str, *, retry: bool = True) -> list[dict]:
+        """Every page of an MLflow search endpoint."""
+        items: list[dict] = []
+        params = {"filter": search_filter, "max_results": _SEARCH_PAGE}
         while True:
-            params = {"filter": f"tags.`{TAG_ADAPTER}` = 'true'", "max_results": _SEARCH_PAGE}
-            if page_token:
-                params["page_token"] = page_token
-            reply = self.rest.call("GET", "registered-models/search", params, retry=retry)
-            models.extend(reply.get("registered_models") or [])
+            reply = self.rest.call("GET", endpoint, params, retry=retry)
+            items.extend(reply.get(items_key) or [])
             page_token = reply.get("next_page_token")
             if not page_token:
-                return models
+                return items
+            params = {**params, "page_token": page_token}
 
     def routing_table(self, *, retry: bool = True) -> RoutingTable:
         """Every adapter's route, from one search call per 1,000 adapters."""
