@@ -62,6 +62,7 @@ def run_up(args: argparse.Namespace) -> int:
         f"  gateway   {running.gateway_url}   (OpenAPI: {running.gateway_url}/schema)\n"
         f"  MLflow    {running.mlflow_url}   (move the 'champion' alias to promote a version)\n"
         f"  shards    {', '.join(f'{k}={v}' for k, v in running.shard_addresses.items())}\n"
+        f"  metrics   {', '.join(f'{k}={v}' for k, v in running.shard_metrics_urls.items())}\n"
         f"  API key   {acme_key}   (tenant acme: legal, clinical, sql, base)\n"
         f"  admin key {running.keys.admin_key}\n"
         f"  logs      {running.state_dir / 'logs'}\n\n"

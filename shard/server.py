@@ -33,6 +33,7 @@ from shard.engine import (
     QueueFullError,
     SamplingOptions,
 )
+from shard.metrics import ShardMetrics
 from shard.settings import ShardSettings
 
 log = logging.getLogger("shard")
@@ -56,7 +57,7 @@ class ShardCore:
     base_fingerprint: str
 
 
-def build_core(settings: ShardSettings) -> ShardCore:
+def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> ShardCore:
     """Load the base model (quantized), install multi-adapter LoRA and start the engine."""
     from shard.adapter_sources import adapter_source_for, base_model_fingerprint
     from shard.model_loading import load_base_model
@@ -78,7 +79,12 @@ def build_core(settings: ShardSettings) -> ShardCore:
             max_rank=settings.max_rank,
             pool_dtype=pool_dtype[settings.adapter_dtype],
         )
-        cache = TieredAdapterCache(runtime, source, host_capacity=settings.host_capacity)
+        cache = TieredAdapterCache(
+            runtime,
+            source,
+            host_capacity=settings.host_capacity,
+            load_observer=metrics.observe_adapter_load if metrics is not None else None,
+        )
     engine = Engine(
         model,
         tokenizer,
@@ -89,26 +95,38 @@ def build_core(settings: ShardSettings) -> ShardCore:
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         lora_runtime=runtime,
         adapter_cache=cache,
+        metrics=metrics,
     ).start()
     name = getattr(model.config, "_name_or_path", "") or model_dir.name
     return ShardCore(settings, engine, cache, Path(name).name or model_dir.name, fingerprint)
 
 
 def _adapter_status(error: BaseException) -> grpc.StatusCode:
+    return _failure(error)[0]
+
+
+def _failure(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status an error answers with, and its refusal reason (shard.metrics.REFUSAL_REASONS)."""
     from shard.adapter_sources import RegistryUnavailableError
     from shard.lora import AdapterInUseError, AdapterLoadTimeout, AdapterNotFoundError, AdapterRejectedError
 
     if isinstance(error, RegistryUnavailableError):
-        return grpc.StatusCode.UNAVAILABLE
+        return grpc.StatusCode.UNAVAILABLE, "registry_unavailable"
     if isinstance(error, AdapterNotFoundError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, (AdapterRejectedError, AdapterInUseError)):
-        return grpc.StatusCode.FAILED_PRECONDITION
+        return grpc.StatusCode.NOT_FOUND, "adapter_not_found"
+    if isinstance(error, AdapterRejectedError):
+        return grpc.StatusCode.FAILED_PRECONDITION, "adapter_rejected"
+    if isinstance(error, AdapterInUseError):
+        return grpc.StatusCode.FAILED_PRECONDITION, "adapter_in_use"
     if isinstance(error, AdapterLoadTimeout):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "adapter_load_timeout"
     if isinstance(error, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.INTERNAL
+        return grpc.StatusCode.INVALID_ARGUMENT, "invalid_request"
+    if isinstance(error, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full"
+    if isinstance(error, EngineClosedError):
+        return grpc.StatusCode.UNAVAILABLE, "shutting_down"
+    return grpc.StatusCode.INTERNAL, "internal"
 
 
 def _ref(key) -> shard_pb2.AdapterRef:
@@ -157,14 +175,20 @@ def sampling_options(params: shard_pb2.SamplingParams) -> SamplingOptions:
 
 
 class ShardServicer(shard_pb2_grpc.ShardServicer):
-    def __init__(self, settings: ShardSettings) -> None:
+    def __init__(self, settings: ShardSettings, metrics: ShardMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or ShardMetrics(settings.shard_id)
         self.core: ShardCore | None = None  # set once the model is loaded
 
     async def _core(self, context) -> ShardCore:
         if self.core is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the shard is still loading its model")
         return self.core
+
+    async def _refuse(self, context, error: BaseException):
+        status, reason = _failure(error)
+        self.metrics.observe_refusal(reason)
+        await context.abort(status, str(error))
 
     async def _cache(self, context):
         core = await self._core(context)
@@ -186,9 +210,12 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         return AdapterKey(ref.name, version)
 
     async def Generate(self, request: shard_pb2.GenerateRequest, context):
+        received = time.monotonic()
+        if self.core is None:
+            self.metrics.observe_refusal("model_loading")
         core = await self._core(context)
         if request.prompt and request.messages:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either prompt or messages, not both")
+            await self._refuse(context, InvalidRequestError("give either prompt or messages, not both"))
         try:
             generation = GenerationRequest(
                 request_id=request.request_id or uuid.uuid4().hex,
@@ -198,18 +225,15 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 sampling=sampling_options(request.sampling),
             )
             handle = core.engine.submit(generation)
-        except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except QueueFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineClosedError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (InvalidRequestError, QueueFullError, EngineClosedError) as exc:
+            await self._refuse(context, exc)
         first = True
         try:
             async for chunk in handle:
                 message = shard_pb2.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
                 if first:
                     message.adapter.CopyFrom(_ref(generation.adapter))
+                    self.metrics.observe_first_token(time.monotonic() - received)
                     first = False
                 if chunk.finish_reason is not None:
                     message.finish_reason = _FINISH[chunk.finish_reason]
@@ -220,7 +244,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             raise
         except Exception as exc:  # the adapter could not be loaded, or the forward failed
             log.warning("request %s failed: %s", generation.request_id, exc)
-            await context.abort(_adapter_status(exc), str(exc))
+            await self._refuse(context, exc)
         finally:
             # The client went away (or the call ended early): free the row at once.
             handle.cancel()
@@ -299,7 +323,8 @@ async def serve(
     tracing = tracing or tracer_provider("loraplex-shard")
     interceptors = [aio_server_interceptor(tracer_provider=tracing)] if tracing else []
     server = grpc.aio.server(interceptors=interceptors)
-    servicer = ShardServicer(settings)
+    metrics = ShardMetrics(settings.shard_id)
+    servicer = ShardServicer(settings, metrics)
     health = HealthServicer()
     shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -309,6 +334,7 @@ async def serve(
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    metrics_port = metrics.serve_http(settings.host, settings.metrics_port) if settings.metrics_port else None
 
     loop = asyncio.get_running_loop()
     handle_signals = stop is None
@@ -318,7 +344,7 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     try:
         started = time.monotonic()
-        loading = asyncio.ensure_future(asyncio.to_thread(build_core, settings) if core is None else _ready(core))
+        loading = asyncio.ensure_future(asyncio.to_thread(build_core, settings, metrics) if core is None else _ready(core))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():
@@ -327,9 +353,18 @@ async def serve(
             return
         stopping.cancel()
         servicer.core = loading.result()
+        metrics.serving(
+            servicer.core.engine,
+            servicer.core.adapter_cache,
+            base_model=servicer.core.base_model,
+            quantization=settings.quantization,
+            device=settings.device,
+        )
         for service in ("", SERVICE_NAME):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         message = f"shard {settings.shard_id} ready on {settings.host}:{port}"
+        if metrics_port is not None:
+            message += f" (metrics on http://{settings.host}:{metrics_port}/metrics)"
         log.info("%s (model loaded in %.1f s)", message, time.monotonic() - started)
         sys.stdout.write(message + "\n")  # one write, so no log line lands inside it
         sys.stdout.flush()
@@ -339,6 +374,7 @@ async def serve(
 
         log.info("shard %s draining (up to %.0f s)", settings.shard_id, settings.drain_timeout_s)
         servicer.core.engine.close()  # before health flips, so NOT_SERVING implies refusing
+        metrics.not_serving()
         await health.enter_graceful_shutdown()
         drained = await asyncio.to_thread(servicer.core.engine.drain, settings.drain_timeout_s)
         if not drained:
@@ -350,6 +386,7 @@ async def serve(
         if servicer.core is not None:
             servicer.core.engine.stop(timeout=10)
         await server.stop(grace=2)
+        metrics.stop_http()
         if servicer.core is not None and servicer.core.adapter_cache is not None:
             servicer.core.adapter_cache.close()
         if owns_tracing and tracing is not None:

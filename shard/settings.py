@@ -25,6 +25,9 @@ class ShardSettings(LayeredSettings):
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port (the ready line says which)
     shard_id: str = "shard-0"
+    # Prometheus metrics over HTTP on `host`: 0 = not served (tests, embedded use); compose and
+    # the local stack set a port. A separate port keeps scrapes off the gRPC server.
+    metrics_port: int = 0
     model_dir: str = ""
     quantization: str = "nf4"
     device: str = "cpu"
@@ -51,8 +54,11 @@ class ShardSettings(LayeredSettings):
 
 
     def validate(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise SettingsError(f"port must be 0..65535, got {self.port}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise SettingsError(f"{name} must be 0..65535, got {getattr(self, name)}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise SettingsError(f"metrics_port and port must differ, both are {self.port}")
         if not self.model_dir:
             raise SettingsError("model_dir is required (a Hugging Face model folder)")
         if self.quantization not in QUANTIZATIONS:

@@ -31,6 +31,7 @@ class LocalStackConfig:
     gateway_port: int = 8000
     mlflow_port: int = 5000
     shard_base_port: int = 50051
+    shard_metrics_base_port: int = 9400
     quantization: str = "nf4"
     demo_dir: Path | None = None
     # Tests want every port fresh; a user wants the documented ports when they are free.
@@ -45,6 +46,7 @@ class RunningStack:
     gateway_url: str
     mlflow_url: str
     shard_addresses: dict[str, str]
+    shard_metrics_urls: dict[str, str]
     keys: DemoKeys
     state_dir: Path
     tenants_file: Path
@@ -97,7 +99,7 @@ class LocalStack:
             write_tenants_file(tenants_file, keys)
 
             t = time.monotonic()
-            shard_addresses = self._start_shards(assets.base_dir, logs, state, log)
+            shard_addresses, shard_metrics_urls = self._start_shards(assets.base_dir, logs, state, log)
             self.timings_s["shards"] = time.monotonic() - t
 
             t = time.monotonic()
@@ -112,6 +114,7 @@ class LocalStack:
             gateway_url=gateway_url,
             mlflow_url=self.mlflow.url,
             shard_addresses=shard_addresses,
+            shard_metrics_urls=shard_metrics_urls,
             keys=keys,
             state_dir=state,
             tenants_file=tenants_file,
@@ -120,17 +123,21 @@ class LocalStack:
         )
         return self.running
 
-    def _start_shards(self, base_dir: Path, logs: Path, state: Path, log) -> dict[str, str]:
+    def _start_shards(self, base_dir: Path, logs: Path, state: Path, log) -> tuple[dict[str, str], dict[str, str]]:
+        """Starts the shards; returns their gRPC addresses and Prometheus metrics URLs."""
         cfg = self.config
         addresses: dict[str, str] = {}
+        metrics_urls: dict[str, str] = {}
         for index in range(cfg.num_shards):
             shard_id = f"shard-{index}"
             port = self._port(cfg.shard_base_port + index)
+            metrics_port = self._port(cfg.shard_metrics_base_port + index)
             env = {
                 **os.environ,
                 "LORAPLEX_SHARD_SHARD_ID": shard_id,
                 "LORAPLEX_SHARD_HOST": LOOPBACK,
                 "LORAPLEX_SHARD_PORT": str(port),
+                "LORAPLEX_SHARD_METRICS_PORT": str(metrics_port),
                 "LORAPLEX_SHARD_MODEL_DIR": str(base_dir),
                 "LORAPLEX_SHARD_QUANTIZATION": cfg.quantization,
                 "LORAPLEX_SHARD_REGISTRY_TRACKING_URI": self.mlflow.url,
@@ -145,10 +152,11 @@ class LocalStack:
             process.start()
             self.shards[shard_id] = process
             addresses[shard_id] = f"{LOOPBACK}:{port}"
+            metrics_urls[shard_id] = f"http://{LOOPBACK}:{metrics_port}/metrics"
         log(f"starting {cfg.num_shards} shards…")
         for shard_id, process in self.shards.items():
             process.wait_until(lambda a=addresses[shard_id]: shard_is_serving(a), cfg.start_timeout_s)
-        return addresses
+        return addresses, metrics_urls
 
     def _start_gateway(
         self, shard_addresses: dict[str, str], tenants_file: Path, logs: Path, state: Path, log

@@ -50,6 +50,8 @@ class EngineStats:
     requests_completed: int
     tokens_generated: int
     decode_tokens_per_s: float
+    kv_used_tokens: int
+    kv_capacity_tokens: int
 
 
 class _Sequence:
@@ -89,6 +91,7 @@ class Engine:
         adapter_cache=None,
         record_logits: bool = False,
         initial_kv_columns: int | None = 256,
+        metrics=None,
     ) -> None:
         attention = str(getattr(model.config, "_attn_implementation", "") or "")
         if attention.startswith("flash") or "paged" in attention:
@@ -102,6 +105,7 @@ class Engine:
         self.lora_runtime = lora_runtime
         self.adapter_cache = adapter_cache
         self.record_logits = record_logits
+        self.metrics = metrics  # shard.metrics.ShardMetrics, or None
         embeddings = model.get_input_embeddings().weight
         self.device = embeddings.device
         self.cache = SlotKVCache.for_model(
@@ -272,6 +276,8 @@ class Engine:
                 requests_completed=self._completed,
                 tokens_generated=self._tokens,
                 decode_tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+                kv_used_tokens=sum(self.cache.lengths),
+                kv_capacity_tokens=self.cache.max_batch * self.cache.max_context,
             )
 
     # --- the loop ------------------------------------------------------------------------------
@@ -379,6 +385,7 @@ class Engine:
 
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         sequences = [c.sequence for c in chunks]
+        started = time.perf_counter()
         try:
             logits = self._forward(
                 sequences,
@@ -390,6 +397,8 @@ class Engine:
                 for s in sequences:
                     self._fail(s, error)
             raise
+        if self.metrics is not None:
+            self.metrics.observe_step("prefill", time.perf_counter() - started, len(sequences))
         done = [(i, c.sequence) for i, c in enumerate(chunks) if c.completes]
         for c in chunks:
             c.sequence.prefilled += c.count
@@ -417,6 +426,8 @@ class Engine:
             raise
         tokens = sample_batch(logits, [s.sampler for s in sequences])
         elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.observe_step("decode", elapsed, len(sequences))
         with self._lock:
             now = time.monotonic()
             self._decode_window.append((now, elapsed, len(sequences)))

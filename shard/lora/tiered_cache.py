@@ -118,7 +118,9 @@ class TieredAdapterCache:
         host_capacity: int,
         disk_dir: Path | None = None,
         loader_threads: int = 1,
+        load_observer: Callable[[str, float], None] | None = None,
     ):
+        """`load_observer(tier, milliseconds)` is told of every load into a tier (metrics)."""
         if host_capacity < 0:
             raise ValueError(f"host_capacity must be >= 0, got {host_capacity}")
         if loader_threads < 1:
@@ -128,6 +130,7 @@ class TieredAdapterCache:
         self._source = source
         self._host_capacity = host_capacity
         self._disk_dir = Path(disk_dir) if disk_dir is not None else None
+        self._load_observer = load_observer
         self._lock = threading.Lock()
         self._slot_freed = threading.Condition(self._lock)
         self._entries: dict[AdapterKey, _Entry] = {}
@@ -384,7 +387,7 @@ class TieredAdapterCache:
                 entry.protected_until = time.monotonic() + FRESH_LOAD_PROTECTION_S
                 entry.awaited = False
             entry.load_ms[DEVICE] = elapsed_ms
-            self._counters[DEVICE].load_ms.append(elapsed_ms)
+            self._locked_record_load(DEVICE, elapsed_ms)
             entry.pinned = entry.pinned or entry.pin_on_load
             entry.pin_on_load = False
             self._touch(entry)
@@ -409,7 +412,7 @@ class TieredAdapterCache:
             with self._lock:
                 entry.disk_path = disk_path
                 entry.load_ms[DISK] = elapsed_ms
-                self._counters[DISK].load_ms.append(elapsed_ms)
+                self._locked_record_load(DISK, elapsed_ms)
         started = time.perf_counter()
         adapter = read_peft_adapter(
             disk_path, key, self._pool.module_shapes, max_rank=self._pool.max_rank, dtype=self._pool.dtype
@@ -421,7 +424,7 @@ class TieredAdapterCache:
             entry.size_bytes = adapter.size_bytes
             entry.sha256 = adapter.sha256
             entry.load_ms[HOST] = elapsed_ms
-            self._counters[HOST].load_ms.append(elapsed_ms)
+            self._locked_record_load(HOST, elapsed_ms)
             if self._host_capacity > 0:
                 entry.host = adapter
                 self._host_lru[key] = None
@@ -461,6 +464,11 @@ class TieredAdapterCache:
                     return slot
                 # Also wakes when a fresh load's protection lapses.
                 self._slot_freed.wait(timeout=FRESH_LOAD_PROTECTION_S)
+
+    def _locked_record_load(self, tier: str, elapsed_ms: float) -> None:
+        self._counters[tier].load_ms.append(elapsed_ms)
+        if self._load_observer is not None:
+            self._load_observer(tier, elapsed_ms)
 
     def _locked_free_or_victim_slot(self) -> int | None:
         for slot, owner in enumerate(self._slot_owner):

@@ -78,7 +78,7 @@ def interpolate(value, env: dict[str, str]):
 def compose_env() -> dict[str, str]:
     """The variables a user gets from .env.example, with its empty secrets filled in."""
     env = read_env_file(COMPOSE_DIR / ".env.example")
-    for secret in ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
+    for secret in ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
         assert secret in env, f".env.example must name {secret}"
         env[secret] = env[secret] or f"test-{secret.lower()}"
     return env
