@@ -3,6 +3,7 @@
     loraplex up                 start MLflow, two shards and the gateway on loopback
     loraplex adapters …         publish, list and promote adapters in the MLflow registry
     loraplex demo build         build (or find cached) the demo base model and adapters
+    loraplex bench-serve …      serving benchmark against any deployment (latency, throughput, errors)
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     from loraplex.demo.cli import add_demo_commands
 
     add_demo_commands(commands)
+
+    from loraplex.serving_bench.cli import add_bench_serve_command
+
+    add_bench_serve_command(commands)
     return parser
 
 
