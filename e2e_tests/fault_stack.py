@@ -142,9 +142,6 @@ class FaultStack:
         reply.raise_for_status()
         return reply.json()
 
-    def shard_id_of_address(self, address: str) -> str:
-        return next(sid for sid, addr in self.running.shard_addresses.items() if addr == address)
-
     def restart_shard(self, shard_id: str, timeout_s: float = 180.0) -> None:
         process = self.stack.shards[shard_id]
         if process.is_running():
@@ -152,8 +149,8 @@ class FaultStack:
         process.start()
         process.wait_until(lambda: shard_is_serving(self.running.shard_addresses[shard_id]), timeout_s)
 
-    def wait_in_ring(self, address: str, present: bool, timeout_s: float) -> bool:
-        return bool(wait_for(lambda: (address in self.shards_view()["ring"]["members"]) == present, timeout_s))
+    def wait_in_ring(self, shard_id: str, present: bool, timeout_s: float) -> bool:
+        return bool(wait_for(lambda: (shard_id in self.shards_view()["ring"]["members"]) == present, timeout_s))
 
     def reload_routing(self) -> dict:
         reply = httpx.post(f"{self.gateway_url}/admin/routing/reload", headers=self.admin_headers(), timeout=30)

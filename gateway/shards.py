@@ -3,6 +3,10 @@
 Health is active (grpc.health.v1 `Check` every `health_interval_s`) and passive (a call that fails
 with a connection-level error marks the shard down at once). A shard leaves the placement ring when
 it goes down and rejoins when a health check answers SERVING.
+
+The ring, the metrics and the admin API name a shard by the id it reports in `Stats` (its
+`shard_id` setting: the StatefulSet pod name on Kubernetes), not by its address: a shard that
+restarts on a new IP gets its own adapters, and the warm cache volume that holds them, back.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.placement import PlacementRing
-from protos import shard_pb2_grpc
+from protos import shard_pb2, shard_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +66,13 @@ class DnsDiscovery:
 
 @dataclass
 class ShardState:
-    shard_id: str
+    address: str
     channel: grpc.aio.Channel
     stub: shard_pb2_grpc.ShardStub
     health: health_pb2_grpc.HealthStub
+    # Learned from `Stats` each time the shard turns SERVING ("" until then): a new process on
+    # this address may be another shard.
+    shard_id: str = ""
     healthy: bool = False
     last_error: str = ""
     last_change_unix: float = field(default_factory=time.time)
@@ -78,7 +85,7 @@ class ShardState:
     def describe(self) -> dict:
         return {
             "id": self.shard_id,
-            "address": self.shard_id,
+            "address": self.address,
             "healthy": self.healthy,
             "in_flight": self.in_flight,
             "served": self.served,
@@ -106,7 +113,10 @@ class ShardPool:
         self.health_timeout_s = health_timeout_s
         self._on_health_change = on_health_change
         self._channel_interceptors = list(channel_interceptors)
-        self._shards: dict[str, ShardState] = {}
+        self._by_address: dict[str, ShardState] = {}
+        # Each id's current holder; it stays after the holder goes down so that the admin API
+        # still shows the shard and a restart on another address can take the id over.
+        self._by_id: dict[str, ShardState] = {}
         self._tasks: list[asyncio.Task] = []
         self._last_discovery = 0.0
 
@@ -123,9 +133,10 @@ class ShardPool:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        for state in self._shards.values():
+        for state in self._by_address.values():
             await state.channel.close(grace=None)
-        self._shards.clear()
+        self._by_address.clear()
+        self._by_id.clear()
         self.ring.set_shards(())
 
     async def _discover(self) -> None:
@@ -135,15 +146,17 @@ class ShardPool:
         except OSError as exc:
             log.warning("shard discovery failed, keeping the known shards: %s", exc)
             return
-        for gone in set(self._shards) - addresses:
-            state = self._shards.pop(gone)
+        for gone in set(self._by_address) - addresses:
+            state = self._by_address.pop(gone)
             self._set_health(state, False, "no longer discovered")
+            if self._by_id.get(state.shard_id) is state:
+                del self._by_id[state.shard_id]
             await state.channel.close(grace=None)
-        for new in sorted(addresses - set(self._shards)):
+        for new in sorted(addresses - set(self._by_address)):
             channel = grpc.aio.insecure_channel(
                 new, options=CHANNEL_OPTIONS, interceptors=self._channel_interceptors or None
             )
-            self._shards[new] = ShardState(new, channel, shard_pb2_grpc.ShardStub(channel), health_pb2_grpc.HealthStub(channel))
+            self._by_address[new] = ShardState(new, channel, shard_pb2_grpc.ShardStub(channel), health_pb2_grpc.HealthStub(channel))
 
     async def _health_loop(self) -> None:
         while True:
@@ -154,7 +167,7 @@ class ShardPool:
             await self.check_all()
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self._check(s) for s in list(self._shards.values())))
+        await asyncio.gather(*(self._check(s) for s in list(self._by_address.values())))
 
     async def _check(self, state: ShardState) -> None:
         state.last_check_unix = time.time()
@@ -166,8 +179,29 @@ class ShardPool:
         except Exception as exc:  # a broken channel must not stop the loop
             self._set_health(state, False, f"health check: {exc!r}")
             return
-        serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-        self._set_health(state, serving, "" if serving else f"health status {reply.status}")
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            self._set_health(state, False, f"health status {reply.status}")
+        elif not state.healthy:
+            await self._join(state)
+
+    async def _join(self, state: ShardState) -> None:
+        """A shard answered SERVING: learn who it is, then put it in the ring under that id."""
+        try:
+            stats = await state.stub.Stats(shard_pb2.StatsRequest(), timeout=self.health_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self._set_health(state, False, f"Stats: {exc.code().name} {exc.details() or ''}".strip())
+            return
+        shard_id = stats.shard_id or state.address
+        holder = self._by_id.get(shard_id)
+        if holder is not None and holder is not state and holder.healthy:
+            # Two live shards with one id would share one arc of the ring: keep the first.
+            self._set_health(state, False, f"shard id {shard_id!r} is already served by {holder.address}")
+            return
+        if state.shard_id and state.shard_id != shard_id and self._by_id.get(state.shard_id) is state:
+            del self._by_id[state.shard_id]  # another shard now listens on this address
+        state.shard_id = shard_id
+        self._by_id[shard_id] = state
+        self._set_health(state, True, "")
 
     def _set_health(self, state: ShardState, healthy: bool, reason: str) -> None:
         if not healthy:
@@ -176,44 +210,47 @@ class ShardPool:
             return
         state.healthy = healthy
         state.last_change_unix = time.time()
+        if not state.shard_id:
+            return  # never joined: nothing to take out of the ring
         if healthy:
             self.ring.add(state.shard_id)
-            log.info("shard %s joined the ring", state.shard_id)
+            log.info("shard %s (%s) joined the ring", state.shard_id, state.address)
         else:
             self.ring.remove(state.shard_id)
-            log.warning("shard %s left the ring: %s", state.shard_id, reason)
+            log.warning("shard %s (%s) left the ring: %s", state.shard_id, state.address, reason)
         if self._on_health_change:
             self._on_health_change(state.shard_id, healthy)
 
     # queries used by dispatch and admin -------------------------------------------------------
     def mark_down(self, shard_id: str, reason: str) -> None:
         """Passive failure detection: a call failed at the connection level."""
-        state = self._shards.get(shard_id)
+        state = self._by_id.get(shard_id)
         if state is not None:
             state.failures += 1
             self._set_health(state, False, reason)
 
     def healthy_shards(self) -> list[str]:
-        return sorted(s for s, st in self._shards.items() if st.healthy)
+        return sorted(s for s, st in self._by_id.items() if st.healthy)
 
     def get(self, shard_id: str) -> ShardState | None:
-        return self._shards.get(shard_id)
+        return self._by_id.get(shard_id)
 
     def all(self) -> list[ShardState]:
-        return [self._shards[k] for k in sorted(self._shards)]
+        """Every discovered address, including those that never answered (no id yet)."""
+        return [self._by_address[k] for k in sorted(self._by_address)]
 
     def loads(self) -> dict[str, int]:
-        return {s: st.in_flight for s, st in self._shards.items() if st.healthy}
+        return {s: st.in_flight for s, st in self._by_id.items() if st.healthy}
 
     def key_in_flight(self, key: str) -> int:
-        return sum(st.key_in_flight[key] for st in self._shards.values())
+        return sum(st.key_in_flight[key] for st in self._by_address.values())
 
     def candidates(self, key: str) -> list[str]:
         return self.ring.choose(key, self.loads(), self.key_in_flight(key))
 
     @contextlib.contextmanager
     def in_flight(self, shard_id: str, key: str):
-        state = self._shards[shard_id]
+        state = self._by_id[shard_id]
         state.in_flight += 1
         state.key_in_flight[key] += 1
         try:

@@ -107,6 +107,11 @@ class ScriptedShardServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def shard_id(self) -> str:
+        """The id it reports in Stats: the gateway's name for it."""
+        return self.servicer.name
+
     def _run(self, coro, timeout: float = 10.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 

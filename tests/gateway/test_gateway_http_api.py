@@ -13,7 +13,7 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 def _owner(client, key: str, shard_servers):
     shard_id = client.app.state.parts.pool.candidates(key)[0]
-    return next(s for s in shard_servers if s.address == shard_id), shard_id
+    return next(s for s in shard_servers if s.shard_id == shard_id), shard_id
 
 
 def _error(r, status: int) -> dict:
@@ -43,7 +43,7 @@ def test_completion_headers_and_body(client, shard_servers):
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
     h = r.headers
     assert (h["x-loraplex-adapter"], h["x-loraplex-version"], h["x-loraplex-route"]) == ("legal", "1", "champion")
-    assert h["x-loraplex-shard"] in {s.address for s in shard_servers}
+    assert h["x-loraplex-shard"] in {s.shard_id for s in shard_servers}
     assert body["id"].endswith(h["x-request-id"])
 
 
@@ -187,12 +187,12 @@ def test_no_healthy_shard_503_and_readyz(client, shard_servers):
 def test_killed_shard_leaves_ring_and_rejoins(client, shard_servers):
     victim = shard_servers[1]
     victim.stop()
-    assert wait_until(lambda: victim.address not in client.app.state.parts.pool.ring, timeout_s=2.0)
+    assert wait_until(lambda: victim.shard_id not in client.app.state.parts.pool.ring, timeout_s=2.0)
     for i in range(4):
         r = client.post("/v1/completions", json={"model": "legal", "prompt": str(i)}, headers=auth(ACME_KEY))
-        assert r.status_code == 200 and r.headers["x-loraplex-shard"] == shard_servers[0].address
+        assert r.status_code == 200 and r.headers["x-loraplex-shard"] == shard_servers[0].shard_id
     victim.restart()
-    assert wait_until(lambda: victim.address in client.app.state.parts.pool.ring, timeout_s=10.0)
+    assert wait_until(lambda: victim.shard_id in client.app.state.parts.pool.ring, timeout_s=10.0)
 
 
 def test_shadow_pairs_are_logged_and_aggregated(client, gateway_settings):
@@ -216,7 +216,7 @@ def test_admin_api(client, shard_servers):
     _error(client.get("/admin/shards", headers=auth(ACME_KEY)), 403)
     h = auth(ADMIN_KEY)
     view = client.get("/admin/shards", headers=h).json()
-    assert len(view["shards"]) == 2 and sorted(view["ring"]["members"]) == sorted(s.address for s in shard_servers)
+    assert len(view["shards"]) == 2 and sorted(view["ring"]["members"]) == sorted(s.shard_id for s in shard_servers)
     assert len(view["placement"]["legal@1"]) == 2
     r = client.post("/admin/adapters/load", json={"adapter": "legal"}, headers=h)
     assert r.status_code == 200 and r.json()["version"] == "1"

@@ -270,7 +270,7 @@ def wait_for_healthy_shards(app, count: int, timeout_s: float = 2.0) -> None:
 
 def fuzz_operation(operation, mode: GenerationMode, shards: list, statuses: Counter) -> None:
     raw_schema = operation.schema.raw_schema
-    shard_ids = [server.address for server in shards]
+    shard_ids = [server.shard_id for server in shards]
 
     @given(case=cases_for(operation, mode, shard_ids), key_choice=KEY_CHOICES, shard_mode=SHARD_MODES)
     @settings(
