@@ -2,5 +2,6 @@
 pytest_plugins = [
     "loraplex.testing.demo_assets",
     "loraplex.testing.mlflow_server",
+    "loraplex.testing.redis_server",
     "loraplex.testing.shard_models",
 ]

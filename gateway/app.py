@@ -33,7 +33,7 @@ from gateway.settings import GatewaySettings, SettingsError
 from gateway.shadow import ShadowMode, ShadowRecorder
 from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
 from gateway.state import GatewayParts
-from gateway.tenant_limits import TenantLimiter
+from gateway.tenant_limits import LocalTenantLimiter, TenantLimiter
 from gateway.tenants import TenantDirectory
 from loraplex.telemetry import tracer_provider
 
@@ -77,6 +77,21 @@ def build_shard_pool(
     )
 
 
+def build_tenant_limiter(settings: GatewaySettings, metrics: GatewayMetrics) -> TenantLimiter:
+    if not settings.redis_url:
+        return LocalTenantLimiter()
+    from gateway.shared_limits import SharedTenantLimiter
+
+    return SharedTenantLimiter.from_url(
+        settings.redis_url,
+        metrics,
+        timeout_s=settings.redis_timeout_s,
+        lease_s=settings.limits_lease_s,
+        failure_policy=settings.redis_failure_policy,
+        retry_s=settings.redis_retry_s,
+    )
+
+
 def create_app(
     settings: GatewaySettings,
     *,
@@ -111,11 +126,12 @@ def create_app(
         settings.shadow_log_path or None, settings.shadow_recent_pairs, on_shadow_aggregate, settings.shadow_aggregate_every
     )
     shadow = ShadowMode(dispatcher, recorder, settings.shadow_sample_share, settings.shadow_max_concurrency)
+    limiter = build_tenant_limiter(settings, metrics)
     service = CompletionService(
         settings,
         router,
         dispatcher,
-        TenantLimiter(),
+        limiter,
         metrics,
         shadow,
         PromptMeasure(settings.max_prompt_chars, settings.max_prompt_tokens, settings.tokenizer_dir),
@@ -132,6 +148,7 @@ def create_app(
         if owns_source:
             await call_blocking_or_async(getattr(source, "start", None))
         await pool.start()
+        await limiter.start()
         if shadow_metrics is not None:
             shadow_metrics.start()
         background.append(asyncio.create_task(reload_tenants_forever(), name="tenants-reload"))
@@ -142,6 +159,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await shadow.stop()
+        await limiter.stop()
         if shadow_metrics is not None:
             await asyncio.to_thread(shadow_metrics.stop)
         await pool.stop()

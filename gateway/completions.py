@@ -21,7 +21,7 @@ from gateway.openai_schema import ChatCompletionRequest, CompletionRequest
 from gateway.routing import RouteDecision, Router
 from gateway.settings import GatewaySettings
 from gateway.shadow import ShadowMode
-from gateway.tenant_limits import TenantLimiter
+from gateway.tenant_limits import Lease, TenantLimiter
 from gateway.tenants import Tenant
 from gateway.version_fallback import LastGoodVersions
 
@@ -36,10 +36,16 @@ class PreparedRequest:
     job: GenerationJob
     stream: bool
     include_usage: bool
+    reserve_tokens: int  # counted against the tenant's tokens per minute until the answer's real count
 
 
 class PromptMeasure:
-    """Checks prompt size: characters always; tokens when a tokenizer folder is configured."""
+    """Checks prompt size: characters always; tokens when a tokenizer folder is configured.
+
+    `check` returns the prompt's tokens: counted with the tokenizer when there is one, else an
+    estimate of one token per 3 UTF-8 bytes (BPE tokenizers average 3-4 on text; the real count
+    replaces it when the answer ends).
+    """
 
     def __init__(self, max_chars: int, max_tokens: int = 0, tokenizer_dir: str = ""):
         self.max_chars = max_chars
@@ -50,13 +56,15 @@ class PromptMeasure:
 
             self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
-    def check(self, text: str, param: str) -> None:
+    def check(self, text: str, param: str) -> int:
         if len(text) > self.max_chars:
             raise bad_request(f"The prompt has {len(text)} characters; the limit is {self.max_chars}.", param, "prompt_too_long")
-        if self._tokenizer is not None:
-            n = len(self._tokenizer(text)["input_ids"])
-            if n > self.max_tokens:
-                raise bad_request(f"The prompt has {n} tokens; the limit is {self.max_tokens}.", param, "prompt_too_long")
+        if self._tokenizer is None:
+            return -(-len(text.encode()) // 3)
+        n = len(self._tokenizer(text)["input_ids"])
+        if n > self.max_tokens:
+            raise bad_request(f"The prompt has {n} tokens; the limit is {self.max_tokens}.", param, "prompt_too_long")
+        return n
 
 
 class CompletionService:
@@ -108,10 +116,10 @@ class CompletionService:
             if not body.messages:
                 raise bad_request("'messages' must not be empty.", "messages")
             messages = tuple((_role(m.role), _message_text(m.content)) for m in body.messages)
-            self.prompt_measure.check("\n".join(c for _, c in messages), "messages")
+            prompt_tokens = self.prompt_measure.check("\n".join(c for _, c in messages), "messages")
         else:
             prompt = body.prompt if isinstance(body.prompt, str) else _single_prompt(body.prompt)
-            self.prompt_measure.check(prompt, "prompt")
+            prompt_tokens = self.prompt_measure.check(prompt, "prompt")
         job = GenerationJob(
             request_id=request_id,
             adapter=decision.adapter,
@@ -126,7 +134,9 @@ class CompletionService:
             stop=stop,
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return PreparedRequest("chat" if chat else "completion", request_id, decision, job, body.stream, include_usage)
+        return PreparedRequest(
+            "chat" if chat else "completion", request_id, decision, job, body.stream, include_usage, prompt_tokens + max_tokens
+        )
 
     def _reject_unsupported(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         if body.n not in (None, 1):
@@ -155,7 +165,7 @@ class CompletionService:
 
     # answering -------------------------------------------------------------------------------
     async def complete(self, prepared: PreparedRequest, tenant: Tenant) -> tuple[dict, dict[str, str]]:
-        self.limiter.admit(tenant)
+        lease = await self.limiter.admit(tenant, prepared.reserve_tokens)
         tokens = 0
         primary = asyncio.get_running_loop().create_future()
         try:
@@ -174,11 +184,11 @@ class CompletionService:
         finally:
             if not primary.done():
                 primary.cancel()
-            self.limiter.release(tenant, tokens)
+            await self.limiter.release(lease, tokens)
 
     async def open_stream(self, prepared: PreparedRequest, tenant: Tenant) -> tuple[AsyncIterator[bytes], dict[str, str]]:
         """Opens the shard stream (with failover) before any byte is sent, so headers name the shard."""
-        self.limiter.admit(tenant)
+        lease = await self.limiter.admit(tenant, prepared.reserve_tokens)
         try:
             try:
                 stream = await self.dispatcher.open_stream(prepared.job, prepared.decision.model)
@@ -187,16 +197,16 @@ class CompletionService:
                 stream = await self.dispatcher.open_stream(prepared.job, prepared.decision.model)
             self.last_good.served(prepared.decision, stream.version)
         except BaseException:
-            self.limiter.release(tenant, 0)
+            await self.limiter.release(lease, 0)
             raise
         self.metrics.first_token.labels(prepared.decision.route).observe(stream.first_token_s)
         primary = asyncio.get_running_loop().create_future()
         self._start_shadow(prepared, tenant, primary)
         headers = self.response_headers(prepared, stream.shard_id, stream.adapter, stream.version)
-        return self._sse_events(prepared, tenant, stream, primary), headers
+        return self._sse_events(prepared, lease, stream, primary), headers
 
     async def _sse_events(
-        self, prepared: PreparedRequest, tenant: Tenant, stream: ShardStream, primary: asyncio.Future
+        self, prepared: PreparedRequest, lease: Lease, stream: ShardStream, primary: asyncio.Future
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
         ident = _response_id(prepared)
@@ -234,7 +244,7 @@ class CompletionService:
             if not primary.done():
                 primary.cancel()
             await stream.aclose()
-            self.limiter.release(tenant, stream.prompt_tokens + stream.completion_tokens)
+            await self.limiter.release(lease, stream.prompt_tokens + stream.completion_tokens)
 
     def _chunk(self, prepared: PreparedRequest, ident: str, created: int, payload, finish: str | None) -> dict:
         if prepared.kind == "chat":

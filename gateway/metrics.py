@@ -31,6 +31,15 @@ class GatewayMetrics:
         )
         self.stream_cuts = Counter("loraplex_gateway_stream_cuts", "Streams ended by an error event after text was sent", registry=r)
         self.shadow_pairs = Gauge("loraplex_gateway_shadow_started", "Shadow copies started", registry=r)
+        self.limits_store_up = Gauge(
+            "loraplex_gateway_limits_store_up", "1 while the shared tenant-limits store (Redis/Valkey) answers", registry=r
+        )
+        self.limits_degraded = Counter(
+            "loraplex_gateway_limits_degraded",
+            "Requests whose tenant limits were decided without the shared store, by the failure policy applied",
+            ["policy"],
+            registry=r,
+        )
         self.shadow_dropped = Gauge("loraplex_gateway_shadow_dropped", "Shadow copies shed because the shadow pool was full", registry=r)
 
     def exposition(self) -> bytes:

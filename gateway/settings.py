@@ -6,6 +6,7 @@ mapping fields (`static_routes`) take JSON.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -62,7 +63,19 @@ class GatewaySettings(LayeredSettings):
     # A version the shards refused (corrupt, wrong base) is not tried again for this long; meanwhile
     # the adapter's last version that served keeps serving.
     refused_version_retry_s: float = 30.0
-
+    # Tenant limits shared by every worker and replica through Redis/Valkey (gateway/shared_limits.py);
+    # empty = each process counts alone, right only for a single process.
+    redis_url: str = ""
+    # While the store is unreachable: "open" = each process enforces the limits alone (metric + log),
+    # "closed" = limited tenants get 503 + Retry-After.
+    redis_failure_policy: str = "open"
+    redis_timeout_s: float = 0.25
+    redis_retry_s: float = 1.0  # after a failure, the store is tried again this much later
+    # A request's concurrency lease; renewed every third of it while the request runs, so a crashed
+    # process's requests stop counting this long after it died.
+    limits_lease_s: float = 10.0
+    # Processes serving the port: 0 = one per core when redis_url is set, else 1.
+    workers: int = 0
 
 
     def validate(self) -> None:
@@ -79,3 +92,19 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError("ring_load_epsilon must be positive")
         if self.health_interval_s <= 0 or self.request_timeout_s <= 0:
             raise SettingsError("intervals and timeouts must be positive")
+        if self.redis_failure_policy not in ("open", "closed"):
+            raise SettingsError(f"redis_failure_policy must be 'open' or 'closed', got {self.redis_failure_policy!r}")
+        if self.redis_timeout_s <= 0 or self.redis_retry_s <= 0 or self.limits_lease_s <= 0:
+            raise SettingsError("redis_timeout_s, redis_retry_s and limits_lease_s must be positive")
+        if self.workers < 0:
+            raise SettingsError("workers must be >= 0 (0 = automatic)")
+        if self.workers > 1 and not self.redis_url:
+            raise SettingsError(
+                "workers > 1 needs redis_url: without a shared store each worker would enforce tenant limits on its own"
+            )
+
+    def worker_count(self) -> int:
+        """`workers`, or when 0: one per core this process may run on with a shared store, else 1."""
+        if self.workers:
+            return self.workers
+        return len(os.sched_getaffinity(0)) if self.redis_url else 1

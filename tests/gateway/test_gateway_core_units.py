@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import grpc
@@ -15,7 +16,7 @@ from gateway.routing import Router, canary_bucket
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings, SettingsError
 from gateway.shadow import ShadowPair, ShadowRecorder, compare_outputs
-from gateway.tenant_limits import TenantLimiter
+from gateway.tenant_limits import LocalTenantLimiter
 from gateway.tenants import TenantDirectory, TenantLimits, Tenant, TenantsFileError, parse_tenants, sha256_hex
 from gateway_fixtures import ACME_KEY, ADMIN_KEY, LIMITED_KEY, WILDCARD_KEY, tenants_yaml
 
@@ -62,26 +63,25 @@ def _tenant(concurrent=0, tpm=0, adapters=("legal",)):
     return Tenant("t", (sha256_hex("k"),), frozenset(adapters), None, TenantLimits(concurrent, tpm))
 
 
-def test_concurrency_and_tokens_per_minute_limits():
+def test_local_limiter_sliding_minute_and_retry_after():
+    # The shared contract runs in test_gateway_tenant_limits.py; this one steers the clock.
     now = [1000.0]
-    limiter = TenantLimiter(clock=lambda: now[0])
+    limiter = LocalTenantLimiter(clock=lambda: now[0])
     tenant = _tenant(concurrent=2, tpm=100)
-    limiter.admit(tenant)
-    limiter.admit(tenant)
+    first, second = limiter.admit_now(tenant, 5), limiter.admit_now(tenant, 5)
     with pytest.raises(OpenAIError) as exc:
-        limiter.admit(tenant)
+        limiter.admit_now(tenant, 0)
     assert exc.value.status == 429 and exc.value.headers["retry-after"] == "1"
-    limiter.release(tenant, 60)
-    limiter.release(tenant, 50)  # 110 tokens in the window: over
+    limiter.release_now(first, 60)
+    now[0] += 10
+    limiter.release_now(second, 50)  # 110 tokens in the window: over
     with pytest.raises(OpenAIError) as exc:
-        limiter.admit(tenant)
-    assert exc.value.status == 429 and int(exc.value.headers["retry-after"]) == 60
-    now[0] += 30
+        limiter.admit_now(tenant, 1)
+    assert exc.value.status == 429 and int(exc.value.headers["retry-after"]) == 50  # when the 60 leave
+    now[0] += 50  # the first charge left the window: 50 + 40 fit
+    limiter.admit_now(tenant, 40)
     with pytest.raises(OpenAIError):
-        limiter.admit(tenant)
-    now[0] += 31  # both charges left the window
-    limiter.admit(tenant)
-    assert limiter.in_flight(tenant) == 1
+        limiter.admit_now(tenant, 20)
 
 
 # routing ---------------------------------------------------------------------------------------
@@ -272,3 +272,14 @@ def test_prompt_token_limit_uses_the_configured_tokenizer(tmp_path):
     assert exc.value.status == 400 and "4 tokens" in exc.value.message
     with pytest.raises(OpenAIError):
         PromptMeasure(max_chars=3).check("abcd", "prompt")
+
+
+def test_several_workers_need_a_shared_limits_store():
+    with pytest.raises(SettingsError, match="workers > 1 needs redis_url"):
+        GatewaySettings.from_mapping({"workers": 2})
+    with pytest.raises(SettingsError, match="redis_failure_policy"):
+        GatewaySettings.from_mapping({"redis_url": "redis://127.0.0.1:6379/0", "redis_failure_policy": "maybe"})
+    assert GatewaySettings.from_mapping({}).worker_count() == 1
+    shared = GatewaySettings.load(environ={"LORAPLEX_GATEWAY_REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert shared.worker_count() == len(os.sched_getaffinity(0))
+    assert GatewaySettings.from_mapping({"redis_url": "redis://x:1/0", "workers": 3}).worker_count() == 3
