@@ -69,7 +69,7 @@ class GatewaySettings(LayeredSettings):
     # While the store is unreachable: "open" = each process enforces the limits alone (metric + log),
     # "closed" = limited tenants get 503 + Retry-After.
     redis_failure_policy: str = "open"
-    redis_timeout_s: float = 0.25
+    redis_timeout_s: float = 0.5
     redis_retry_s: float = 1.0  # after a failure, the store is tried again this much later
     # A request's concurrency lease; renewed every third of it while the request runs, so a crashed
     # process's requests stop counting this long after it died.

@@ -30,6 +30,8 @@ import logging
 import time
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.errors import OpenAIError
@@ -204,8 +206,12 @@ class SharedTenantLimiter(TenantLimiter):
         metrics.limits_store_up.set(1)
 
     @classmethod
-    def from_url(cls, url: str, metrics: GatewayMetrics, *, timeout_s: float = 0.25, **kwargs) -> SharedTenantLimiter:
-        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    def from_url(cls, url: str, metrics: GatewayMetrics, *, timeout_s: float = 0.5, **kwargs) -> SharedTenantLimiter:
+        # One immediate retry: it replaces a pooled connection that a store restart closed; more
+        # (with backoff, the client's default) would hold requests up while the store is down.
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1)
+        )
         return cls(client, metrics, **kwargs)
 
     def _keys(self, tenant: str) -> list[str]:

@@ -111,6 +111,46 @@ def client(gateway_settings):
 REPO = Path(__file__).resolve().parents[2]
 
 
+def start_gateway_process(config: Path, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """`python -m gateway --config FILE` in its own process group; returns it and its URL once ready."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_GATEWAY_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", "warning"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    url, seen, deadline = None, [], time.monotonic() + timeout_s
+    while url is None and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        if line.startswith("gateway ready on "):
+            url = line.split()[3]
+    if not (url and url.startswith("http://127.0.0.1:")):
+        stop_process_group(proc)
+        raise AssertionError("gateway did not start:\n" + "".join(seen))
+    return proc, url
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
 @pytest.fixture
 def gateway_process(tmp_path, tenants_file, shard_servers):
     config = tmp_path / "gateway.yaml"
@@ -127,36 +167,8 @@ def gateway_process(tmp_path, tenants_file, shard_servers):
             }
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_GATEWAY_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", "warning"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    proc, url = start_gateway_process(config)
     try:
-        url, seen, deadline = None, [], time.monotonic() + 60
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            seen.append(line)
-            if line.startswith("gateway ready on "):
-                url = line.split()[-1]
-        assert url and url.startswith("http://127.0.0.1:"), "gateway did not start:\n" + "".join(seen)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
+        stop_process_group(proc)

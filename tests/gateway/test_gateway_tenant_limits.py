@@ -28,7 +28,7 @@ def tenant(concurrent: int = 0, tpm: int = 0) -> Tenant:
 
 
 def shared_limiter(url: str, **kwargs) -> SharedTenantLimiter:
-    return SharedTenantLimiter.from_url(url, GatewayMetrics(), window_s=WINDOW_S, **kwargs)
+    return SharedTenantLimiter.from_url(url, GatewayMetrics(), window_s=WINDOW_S, **{"timeout_s": 5.0, **kwargs})
 
 
 @pytest.fixture(params=["local", "shared"])
