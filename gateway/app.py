@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from litestar import Litestar
+from redis.asyncio import Redis
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import TracerProvider
@@ -30,7 +31,9 @@ from gateway.routes.responses import openai_error_response
 from gateway.routing import Router, RoutingSource
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings, SettingsError
-from gateway.shadow import ShadowMode, ShadowRecorder
+from gateway import shared_store
+from gateway.shadow import LocalShadowAggregates, SharedShadowAggregates, ShadowMode, ShadowRecorder
+from gateway.shared_limits import SharedTenantLimiter
 from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
 from gateway.state import GatewayParts
 from gateway.tenant_limits import LocalTenantLimiter, TenantLimiter
@@ -77,15 +80,12 @@ def build_shard_pool(
     )
 
 
-def build_tenant_limiter(settings: GatewaySettings, metrics: GatewayMetrics) -> TenantLimiter:
-    if not settings.redis_url:
+def build_tenant_limiter(settings: GatewaySettings, metrics: GatewayMetrics, store: Redis | None) -> TenantLimiter:
+    if store is None:
         return LocalTenantLimiter()
-    from gateway.shared_limits import SharedTenantLimiter
-
-    return SharedTenantLimiter.from_url(
-        settings.redis_url,
+    return SharedTenantLimiter(
+        store,
         metrics,
-        timeout_s=settings.redis_timeout_s,
         lease_s=settings.limits_lease_s,
         failure_policy=settings.redis_failure_policy,
         retry_s=settings.redis_retry_s,
@@ -122,11 +122,17 @@ def create_app(
         # Aggregates land as metrics on the shadow version's MLflow run, sent off the event loop.
         shadow_metrics = ShadowMetricsLogger(settings.registry_tracking_uri)
         on_shadow_aggregate = shadow_metrics.submit
+    # With several processes, what they share lives in Redis/Valkey: tenant limits, shadow aggregates.
+    store = shared_store.connect(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
     recorder = ShadowRecorder(
-        settings.shadow_log_path or None, settings.shadow_recent_pairs, on_shadow_aggregate, settings.shadow_aggregate_every
+        settings.shadow_log_path or None,
+        settings.shadow_recent_pairs,
+        on_shadow_aggregate,
+        settings.shadow_aggregate_every,
+        SharedShadowAggregates(store) if store is not None else LocalShadowAggregates(),
     )
     shadow = ShadowMode(dispatcher, recorder, settings.shadow_sample_share, settings.shadow_max_concurrency)
-    limiter = build_tenant_limiter(settings, metrics)
+    limiter = build_tenant_limiter(settings, metrics, store)
     service = CompletionService(
         settings,
         router,
@@ -160,6 +166,8 @@ def create_app(
                 await task
         await shadow.stop()
         await limiter.stop()
+        if store is not None:
+            await store.aclose()
         if shadow_metrics is not None:
             await asyncio.to_thread(shadow_metrics.stop)
         await pool.stop()

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult
 from gateway.errors import OpenAIError
 
@@ -77,11 +79,64 @@ class ShadowAggregate:
         }
 
 
-class ShadowRecorder:
-    """Writes pairs as JSON lines, keeps recent pairs and per-(adapter, shadow version) aggregates.
+class LocalShadowAggregates:
+    """Aggregates of this process's pairs: right for one gateway process."""
 
-    `on_aggregate(adapter, shadow_version, metrics)` is called every `aggregate_every` pairs of that
-    version (the registry logs them as MLflow metrics on the version's run).
+    def __init__(self) -> None:
+        self._aggregates: dict[tuple[str, str], ShadowAggregate] = defaultdict(ShadowAggregate)
+
+    async def add(self, pair: ShadowPair) -> ShadowAggregate | None:
+        aggregate = self._aggregates[(pair.adapter, pair.shadow_version)]
+        aggregate.add(pair)
+        return replace(aggregate)
+
+
+# KEYS: the (adapter, shadow version) hash. ARGV: exact match (0/1), agreement, primary ms, shadow
+# ms, ttl s. Returns the merged totals, `pairs` first.
+_ADD_PAIR = """
+local pairs = redis.call('HINCRBY', KEYS[1], 'pairs', 1)
+local exact = redis.call('HINCRBY', KEYS[1], 'exact_matches', tonumber(ARGV[1]))
+local agreement = redis.call('HINCRBYFLOAT', KEYS[1], 'agreement_sum', ARGV[2])
+local primary = redis.call('HINCRBYFLOAT', KEYS[1], 'primary_latency_ms_sum', ARGV[3])
+local shadow = redis.call('HINCRBYFLOAT', KEYS[1], 'shadow_latency_ms_sum', ARGV[4])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+return {pairs, exact, agreement, primary, shadow}
+"""
+
+
+class SharedShadowAggregates:
+    """Aggregates merged over every gateway process and replica in Redis/Valkey. Each pair bumps the
+    merged count by one atomically, so each count - the step of the MLflow metrics logged at it -
+    is seen by exactly one process: no two processes log the same step. While the store is down,
+    pairs are still logged and kept as recent pairs, but do not count in the aggregates."""
+
+    def __init__(self, client, ttl_s: int = 7 * 24 * 3600, key_prefix: str = "loraplex:shadow"):
+        self._add = client.register_script(_ADD_PAIR)
+        self.ttl_s = ttl_s
+        self.key_prefix = key_prefix
+        self._store_up = True
+
+    async def add(self, pair: ShadowPair) -> ShadowAggregate | None:
+        key = f"{self.key_prefix}:{{{pair.adapter}}}:{pair.shadow_version}"
+        args = [int(pair.exact_match), pair.token_agreement, pair.primary_latency_ms, pair.shadow_latency_ms, self.ttl_s]
+        try:
+            pairs, exact, agreement, primary, shadow = await self._add(keys=[key], args=args)
+        except (RedisError, OSError) as error:
+            if self._store_up:
+                log.warning("shadow aggregates not merged while the shared store is unreachable: %s", error)
+            self._store_up = False
+            return None
+        self._store_up = True
+        return ShadowAggregate(int(pairs), int(exact), float(agreement), float(primary), float(shadow))
+
+
+class ShadowRecorder:
+    """Writes pairs as JSON lines, keeps recent pairs, and counts them in per-(adapter, shadow version)
+    aggregates (`LocalShadowAggregates`, or `SharedShadowAggregates` across processes).
+
+    `on_aggregate(adapter, shadow_version, metrics)` is called each time the aggregate's pair count
+    reaches a multiple of `aggregate_every` (the registry logs them as MLflow metrics on the
+    version's run, with that count as the step).
     """
 
     def __init__(
@@ -90,29 +145,34 @@ class ShadowRecorder:
         recent_pairs: int = 100,
         on_aggregate: Callable[[str, str, dict[str, float]], None] | None = None,
         aggregate_every: int = 10,
+        aggregates: LocalShadowAggregates | SharedShadowAggregates | None = None,
     ):
         self.log_path = Path(log_path) if log_path else None
         self.on_aggregate = on_aggregate
         self.aggregate_every = max(1, aggregate_every)
+        self._store = aggregates or LocalShadowAggregates()
         self._recent: dict[str, deque[ShadowPair]] = defaultdict(lambda: deque(maxlen=recent_pairs))
-        self._aggregates: dict[tuple[str, str], ShadowAggregate] = defaultdict(ShadowAggregate)
+        self._latest: dict[tuple[str, str], ShadowAggregate] = {}  # the newest totals this process saw
         self._lock = threading.Lock()
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def record(self, pair: ShadowPair) -> None:
+    async def record(self, pair: ShadowPair) -> None:
         with self._lock:
             if self.log_path:
                 with self.log_path.open("a") as f:
                     f.write(json.dumps(asdict(pair)) + "\n")
             self._recent[pair.adapter].append(pair)
-            aggregate = self._aggregates[(pair.adapter, pair.shadow_version)]
-            aggregate.add(pair)
-            due = aggregate.pairs % self.aggregate_every == 0
-            metrics = aggregate.metrics()
-        if due and self.on_aggregate:
+        aggregate = await self._store.add(pair)
+        if aggregate is None:
+            return
+        key = (pair.adapter, pair.shadow_version)
+        with self._lock:
+            if key not in self._latest or aggregate.pairs > self._latest[key].pairs:
+                self._latest[key] = aggregate
+        if aggregate.pairs % self.aggregate_every == 0 and self.on_aggregate:
             try:
-                self.on_aggregate(pair.adapter, pair.shadow_version, metrics)
+                self.on_aggregate(pair.adapter, pair.shadow_version, aggregate.metrics())
             except Exception:  # the sink is best effort: serving must not notice it failing
                 log.exception("shadow aggregate sink failed for %s@%s", pair.adapter, pair.shadow_version)
 
@@ -122,9 +182,7 @@ class ShadowRecorder:
 
     def aggregates(self, adapter: str | None = None) -> dict[str, dict[str, float]]:
         with self._lock:
-            return {
-                f"{a}@{v}": agg.metrics() for (a, v), agg in self._aggregates.items() if adapter is None or a == adapter
-            }
+            return {f"{a}@{v}": agg.metrics() for (a, v), agg in self._latest.items() if adapter is None or a == adapter}
 
 
 class ShadowMode:
@@ -183,7 +241,7 @@ class ShadowMode:
             log.exception("shadow copy of %s failed", job.request_id)
             return
         exact, agreement = compare_outputs(first.token_ids, shadow.token_ids, first.text, shadow.text)
-        self.recorder.record(
+        await self.recorder.record(
             ShadowPair(
                 job.request_id,
                 tenant,

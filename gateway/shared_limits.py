@@ -30,12 +30,11 @@ import logging
 import time
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.errors import OpenAIError
 from gateway.metrics import GatewayMetrics
+from gateway.shared_store import connect
 from gateway.tenant_limits import (
     WINDOW_S,
     Lease,
@@ -203,16 +202,15 @@ class SharedTenantLimiter(TenantLimiter):
         self._down_until = 0.0
         self._store_up = True
         self._renewer: asyncio.Task | None = None
+        self._owns_client = False
         metrics.limits_store_up.set(1)
 
     @classmethod
     def from_url(cls, url: str, metrics: GatewayMetrics, *, timeout_s: float = 0.5, **kwargs) -> SharedTenantLimiter:
-        # One immediate retry: it replaces a pooled connection that a store restart closed; more
-        # (with backoff, the client's default) would hold requests up while the store is down.
-        client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1)
-        )
-        return cls(client, metrics, **kwargs)
+        """A limiter with a client of its own, closed by `stop()`."""
+        limiter = cls(connect(url, timeout_s), metrics, **kwargs)
+        limiter._owns_client = True
+        return limiter
 
     def _keys(self, tenant: str) -> list[str]:
         base = f"{self.key_prefix}:{{{tenant}}}"
@@ -326,4 +324,5 @@ class SharedTenantLimiter(TenantLimiter):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
-        await self.client.aclose()
+        if self._owns_client:
+            await self.client.aclose()

@@ -34,7 +34,8 @@ LATENCY_RATIO = "shadow_latency_ratio"  # shadow mean latency / primary mean lat
 
 
 def mlflow_metrics(aggregate: dict[str, float], timestamp_ms: int) -> list[dict]:
-    """The aggregate as MLflow `log-batch` metrics; `step` is the number of pairs behind it."""
+    """The aggregate as MLflow `log-batch` metrics; `step` is the number of pairs behind it - counted
+    over every gateway process when they share a store, so each step is logged by one process only."""
     step = int(aggregate.get("shadow_pairs", 0))
     values = {METRIC_NAMES[k]: float(v) for k, v in aggregate.items() if k in METRIC_NAMES}
     primary = aggregate.get("shadow_primary_latency_ms") or 0.0
@@ -69,9 +70,12 @@ class ShadowMetricsLogger:
     def submit(self, adapter: str, version: str, aggregate: dict[str, float]) -> None:
         key = (adapter, str(version))
         with self._lock:
-            if key not in self._pending and len(self._pending) >= self.max_pending:
+            pending = self._pending.get(key)
+            if pending is None and len(self._pending) >= self.max_pending:
                 self.dropped += 1
                 return
+            if pending is not None and pending.aggregate.get("shadow_pairs", 0) > aggregate.get("shadow_pairs", 0):
+                return  # an older aggregate that arrived late: the newer one stands
             self._pending[key] = _Pending(adapter, str(version), dict(aggregate))
         self._wake.set()
 

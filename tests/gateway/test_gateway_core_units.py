@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import random
@@ -200,7 +201,8 @@ def test_recorder_writes_jsonl_aggregates_and_calls_sink(tmp_path):
     calls = []
     recorder = ShadowRecorder(tmp_path / "s.jsonl", recent_pairs=3, on_aggregate=lambda *a: calls.append(a), aggregate_every=2)
     for i in range(4):
-        recorder.record(ShadowPair(f"r{i}", "acme", "legal", "1", "2", "a", "a" if i % 2 else "b", bool(i % 2), 1.0 if i % 2 else 0.0, 10.0, 20.0, 0.0))
+        pair = ShadowPair(f"r{i}", "acme", "legal", "1", "2", "a", "a" if i % 2 else "b", bool(i % 2), 1.0 if i % 2 else 0.0, 10.0, 20.0, 0.0)
+        asyncio.run(recorder.record(pair))
     lines = (tmp_path / "s.jsonl").read_text().splitlines()
     assert len(lines) == 4 and '"request_id": "r0"' in lines[0]
     agg = recorder.aggregates("legal")["legal@2"]
