@@ -37,6 +37,7 @@ def run_up(args: argparse.Namespace) -> int:
             mlflow_port=args.mlflow_port,
             quantization=args.quantization,
             always_free_ports=args.free_ports,
+            gateway_workers=args.gateway_workers,
         )
     )
     stopping = threading.Event()
@@ -58,12 +59,15 @@ def run_up(args: argparse.Namespace) -> int:
         print("\nstopped before the stack was up; every process it started is stopped.")
         return 130
     acme_key = running.keys.tenant_keys["acme"]
+    workers = args.gateway_workers or "one per core"
+    valkey_line = f"  valkey    {running.redis_url}   (tenant limits shared by {workers} gateway workers)\n" if running.redis_url else ""
     print(
         f"\nloraplex is up in {stack.timings_s['total']:.1f}s\n"
         f"  gateway   {running.gateway_url}   (OpenAPI: {running.gateway_url}/schema)\n"
         f"  MLflow    {running.mlflow_url}   (move the 'champion' alias to promote a version)\n"
         f"  shards    {', '.join(f'{k}={v}' for k, v in running.shard_addresses.items())}\n"
         f"  metrics   {', '.join(f'{k}={v}' for k, v in running.shard_metrics_urls.items())}\n"
+        f"{valkey_line}"
         f"  API key   {acme_key}   (tenant acme: legal, clinical, sql, base)\n"
         f"  admin key {running.keys.admin_key}\n"
         f"  logs      {running.state_dir / 'logs'}\n\n"
@@ -97,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mlflow-port", type=int, default=5000)
     up.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
     up.add_argument("--free-ports", action="store_true", help="pick free ports for everything")
+    up.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway processes on its port (0 = one per core); more than one starts a Valkey server for their shared tenant limits",
+    )
     up.set_defaults(handler=run_up)
 
     from registry.cli import add_adapter_commands

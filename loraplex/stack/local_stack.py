@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex.stack.demo_tenants import DemoKeys, load_or_create_demo_keys, write_tenants_file
 from loraplex.stack.ports import free_port, preferred_or_free_port
 from loraplex.stack.processes import ManagedProcess
+from loraplex.stack.redis_server import RedisServer
 
 LOOPBACK = "127.0.0.1"
 
@@ -38,6 +39,10 @@ class LocalStackConfig:
     always_free_ports: bool = False
     shard_env: dict[str, str] = field(default_factory=dict)
     gateway_env: dict[str, str] = field(default_factory=dict)
+    # Gateway processes on its port; more than one (or 0 = one per core) shares tenant limits
+    # through a Valkey server that the stack starts, unless LORAPLEX_GATEWAY_REDIS_URL names one.
+    gateway_workers: int = 1
+    redis_port: int = 6379
     start_timeout_s: float = 300.0
 
 
@@ -47,6 +52,7 @@ class RunningStack:
     mlflow_url: str
     shard_addresses: dict[str, str]
     shard_metrics_urls: dict[str, str]
+    redis_url: str | None
     keys: DemoKeys
     state_dir: Path
     tenants_file: Path
@@ -60,6 +66,7 @@ class LocalStack:
         self.mlflow = None
         self.shards: dict[str, ManagedProcess] = {}
         self.gateway: ManagedProcess | None = None
+        self.redis: RedisServer | None = None
         self.running: RunningStack | None = None
         self.timings_s: dict[str, float] = {}
 
@@ -115,6 +122,7 @@ class LocalStack:
             mlflow_url=self.mlflow.url,
             shard_addresses=shard_addresses,
             shard_metrics_urls=shard_metrics_urls,
+            redis_url=self.redis.url if self.redis else None,
             keys=keys,
             state_dir=state,
             tenants_file=tenants_file,
@@ -162,8 +170,16 @@ class LocalStack:
         self, shard_addresses: dict[str, str], tenants_file: Path, logs: Path, state: Path, log
     ) -> str:
         port = self._port(self.config.gateway_port)
+        shared: dict[str, str] = {}
+        if self.config.gateway_workers != 1:
+            shared["LORAPLEX_GATEWAY_WORKERS"] = str(self.config.gateway_workers)
+            if not (self.config.gateway_env.get("LORAPLEX_GATEWAY_REDIS_URL") or os.environ.get("LORAPLEX_GATEWAY_REDIS_URL")):
+                log("starting Valkey (tenant limits shared by the gateway's workers)…")
+                self.redis = RedisServer(state / "redis", LOOPBACK, self._port(self.config.redis_port)).start()
+                shared["LORAPLEX_GATEWAY_REDIS_URL"] = self.redis.url
         env = {
             **os.environ,
+            **shared,
             "LORAPLEX_GATEWAY_HOST": LOOPBACK,
             "LORAPLEX_GATEWAY_PORT": str(port),
             "LORAPLEX_GATEWAY_SHARD_ADDRESSES": ",".join(shard_addresses.values()),
@@ -187,6 +203,8 @@ class LocalStack:
         groups = {name: p.pid for name, p in self.shards.items()}
         groups["gateway"] = self.gateway.pid
         groups["mlflow"] = self.mlflow.process.pid
+        if self.redis is not None:
+            groups["redis"] = self.redis.process.pid
         (state / "process-groups.json").write_text(json.dumps(groups, indent=2))
 
     def stop(self) -> None:
@@ -196,6 +214,8 @@ class LocalStack:
             process.stop()
         if self.mlflow is not None:
             self.mlflow.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def shard_is_serving(address: str) -> bool:
