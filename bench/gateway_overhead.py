@@ -17,7 +17,12 @@ thread with sched_setaffinity), which is closer to a deployment where the gatewa
 cores. The gateway's CPU milliseconds per request are reported beside both: that number carries
 over to other machines, a latency difference on shared cores does not.
 
-Writes gateway_overhead.json and gateway_overhead.png into --out. Timings on a shared machine are
+Writes gateway_overhead.json and gateway_overhead.png into --out.
+
+    python bench/gateway_overhead.py --workers-sweep
+
+measures the same two paths through 1, 2 and 4 gateway workers on one port, which share tenant
+limits through a real Valkey server, at 1, 64 and 256 clients (gateway_workers.json / .png). Timings on a shared machine are
 noisy: read the per-round spread in the JSON before trusting a single number.
 """
 
@@ -75,14 +80,34 @@ def summary_ms(latencies_s: list[float]) -> dict[str, float]:
 
 
 def process_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds a process has used so far (Linux /proc), or None."""
+    """User + system CPU seconds a process and its live children (a gateway's workers) have used so
+    far (Linux /proc), or None."""
     if pid is None:
         return None
+    total = None
+    for member in [pid, *_descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            children = [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
 
 
 class CpuMeter:
@@ -146,9 +171,19 @@ class Pinned:
 class BenchProcesses:
     """A shard and a gateway on loopback, stopped by process group when done."""
 
-    def __init__(self, base_dir: Path, adapter_dir: Path, work_dir: Path, profile: Profile, torch_threads: int = 1):
+    def __init__(
+        self,
+        base_dir: Path,
+        adapter_dir: Path,
+        work_dir: Path,
+        profile: Profile,
+        torch_threads: int = 1,
+        gateway_workers: int = 1,
+        redis_url: str = "",
+    ):
         self.base_dir, self.adapter_dir, self.work_dir, self.profile = base_dir, adapter_dir, work_dir, profile
         self.torch_threads = torch_threads
+        self.gateway_workers, self.redis_url = gateway_workers, redis_url
         self.api_key = "bench-" + hashlib.sha256(os.urandom(16)).hexdigest()[:24]
         self.shard = None
         self.gateway = None
@@ -169,16 +204,15 @@ class BenchProcesses:
     def start(self) -> None:
         import yaml
 
-        from loraplex.stack.local_stack import gateway_is_ready, shard_is_serving
+        from loraplex.stack.local_stack import shard_is_serving
         from loraplex.stack.ports import free_port
         from loraplex.stack.processes import ManagedProcess
 
         logs = self.work_dir / "logs"
-        shard_port, gateway_port = free_port(), free_port()
+        shard_port = free_port()
         self.shard_address = f"{LOOPBACK}:{shard_port}"
-        clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_SHARD_", "LORAPLEX_GATEWAY_"))}
         shard_env = {
-            **clean_env,
+            **self.clean_env(),
             "LORAPLEX_SHARD_SHARD_ID": "bench-shard",
             "LORAPLEX_SHARD_HOST": LOOPBACK,
             "LORAPLEX_SHARD_PORT": str(shard_port),
@@ -209,21 +243,43 @@ class BenchProcesses:
                 }
             )
         )
+        self.shard.wait_until(lambda: shard_is_serving(self.shard_address), 300)
+        self.start_gateway()
+
+    @staticmethod
+    def clean_env() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_SHARD_", "LORAPLEX_GATEWAY_"))}
+
+    def start_gateway(self) -> None:
+        from loraplex.stack.local_stack import gateway_is_ready
+        from loraplex.stack.ports import free_port
+        from loraplex.stack.processes import ManagedProcess
+
+        gateway_port = free_port()
         gateway_env = {
-            **clean_env,
+            **self.clean_env(),
             "LORAPLEX_GATEWAY_HOST": LOOPBACK,
             "LORAPLEX_GATEWAY_PORT": str(gateway_port),
             "LORAPLEX_GATEWAY_SHARD_ADDRESSES": self.shard_address,
-            "LORAPLEX_GATEWAY_TENANTS_FILE": str(tenants),
+            "LORAPLEX_GATEWAY_TENANTS_FILE": str(self.work_dir / "tenants.yaml"),
             "LORAPLEX_GATEWAY_STATIC_ROUTES": json.dumps({"legal": {"champion": "local"}}),
+            "LORAPLEX_GATEWAY_WORKERS": str(self.gateway_workers),
+            "LORAPLEX_GATEWAY_REDIS_URL": self.redis_url,
         }
         self.gateway = ManagedProcess(
-            "gateway", [sys.executable, "-m", "gateway", "--log-level", "warning"], log_path=logs / "gateway.log", env=gateway_env
+            "gateway",
+            [sys.executable, "-m", "gateway", "--log-level", "warning"],
+            log_path=self.work_dir / "logs" / f"gateway-{self.gateway_workers}w.log",
+            env=gateway_env,
         )
         self.gateway.start()
         self.gateway_url = f"http://{LOOPBACK}:{gateway_port}"
-        self.shard.wait_until(lambda: shard_is_serving(self.shard_address), 300)
         self.gateway.wait_until(lambda: gateway_is_ready(self.gateway_url), 120)
+
+    def restart_gateway(self, workers: int) -> None:
+        self.gateway.stop()
+        self.gateway_workers = workers
+        self.start_gateway()
 
     def stop(self) -> None:
         for process in (self.gateway, self.shard):
@@ -345,8 +401,8 @@ async def run_batch(path, requests: int, concurrency: int) -> dict:
     return {"latencies": latencies, "errors": errors, "seconds": time.perf_counter() - started}
 
 
-async def measure(processes: BenchProcesses, profile: Profile, prompt: str, log=print, gateway_path=None) -> dict:
-    cpu = CpuMeter({"shard": processes.shard.pid, "gateway": processes.gateway.pid})
+async def measure(processes: BenchProcesses, profile: Profile, prompt: str, log=print, gateway_path=None, store_pid: int | None = None) -> dict:
+    cpu = CpuMeter({"shard": processes.shard.pid, "gateway": processes.gateway.pid, **({"store": store_pid} if store_pid else {})})
     direct = DirectPath(processes.shard_address, prompt, profile.max_tokens)
     via_gateway = (gateway_path or gateway_path_class())(processes.gateway_url, processes.api_key, prompt, profile.max_tokens, profile.concurrency)
     rounds = []
@@ -385,7 +441,7 @@ async def measure(processes: BenchProcesses, profile: Profile, prompt: str, log=
     cpu_per_request = {
         path: {
             proc: statistics.median([r[path]["cpu_ms_per_request"][proc] for r in rounds if r[path]["cpu_ms_per_request"][proc] is not None] or [float("nan")])
-            for proc in ("shard", "gateway", "client")
+            for proc in cpu.pids.keys() | {"client"}
         }
         for path in ("direct", "gateway")
     }
@@ -543,12 +599,155 @@ def summary_lines(summary: dict) -> list[str]:
     ]
 
 
+# ---- several gateway workers sharing tenant limits through Valkey -----------------------------------
+
+SWEEP_WORKERS = (1, 2, 4)
+SWEEP_CLIENTS = (1, 64, 256)
+GOAL_P50_ADDED_MS_2_WORKERS_64_CLIENTS = 8.0
+GOAL_THROUGHPUT_RATIO_2_OVER_1 = 1.8
+
+
+def sweep_profile(clients: int, toy: bool = False) -> Profile:
+    """Rounds sized so each batch lasts about a second on this machine (~500 requests/s at 64 clients)."""
+    if toy:
+        return Profile(f"toy-{clients}", clients, rounds=2, requests_per_batch=4 * clients, warmup_requests=clients, shard_max_batch=8)
+    if clients == 1:
+        return Profile("sweep-1", 1, rounds=6, requests_per_batch=40, warmup_requests=10)
+    return Profile(f"sweep-{clients}", clients, rounds=6 if clients <= 64 else 4, requests_per_batch=5 * clients, warmup_requests=2 * clients)
+
+
+def sweep_row(workers: int, m: dict) -> dict:
+    cpu = m["cpu_ms_per_request"]["gateway"]
+    return {
+        "workers": workers,
+        "clients": m["concurrency"],
+        "added_p50_ms": m["added_ms"]["p50"],
+        "added_p99_ms": m["added_ms"]["p99"],
+        "direct_p50_ms": m["overall"]["direct"]["p50"],
+        "gateway_p50_ms": m["overall"]["gateway"]["p50"],
+        "gateway_requests_per_s": m["requests_per_s"]["gateway"],
+        "direct_requests_per_s": m["requests_per_s"]["direct"],
+        # Every gateway process together (supervisor + workers), and the store's share.
+        "gateway_cpu_ms_per_request": cpu["gateway"],
+        "store_cpu_ms_per_request": cpu.get("store"),
+        "shard_cpu_ms_per_request": cpu["shard"],
+        "client_cpu_ms_per_request": cpu["client"],
+    }
+
+
+def run_workers_sweep(
+    out_dir: Path,
+    workers: tuple[int, ...] = SWEEP_WORKERS,
+    clients: tuple[int, ...] = SWEEP_CLIENTS,
+    toy: bool = False,
+    work_dir: Path | None = None,
+    log=print,
+) -> dict:
+    """Added latency, throughput and CPU per request through 1, 2 and 4 gateway workers that share
+    tenant limits through a real Valkey server (every admission and release is a round trip)."""
+    from bench.machine import machine_info
+    from loraplex.demo import ensure_demo_assets
+    from loraplex.stack.redis_server import RedisServer
+
+    assets = ensure_demo_assets(progress=False)
+    # The shard's queue and the tenant's concurrency limit are sized for the most clients.
+    sizing = replace(sweep_profile(max(clients), toy), concurrency=max(clients))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="gateway-workers-") as scratch:
+        work = Path(work_dir or scratch)
+        store = RedisServer(work / "redis").start()
+        try:
+            with BenchProcesses(
+                Path(assets.base_dir), Path(assets.adapters["legal"]), work, sizing, gateway_workers=workers[0], redis_url=store.url
+            ) as processes:
+                for count in workers:
+                    if processes.gateway_workers != count:
+                        processes.restart_gateway(count)
+                    for n in clients:
+                        log(f"{count} gateway worker(s), {n} clients")
+                        m = asyncio.run(measure(processes, sweep_profile(n, toy), "Q: hi\nA:", log, store_pid=store.process.pid))
+                        rows.append(sweep_row(count, m))
+        finally:
+            store.stop()
+    result = {
+        "benchmark": "gateway_workers",
+        "machine": {**machine_info(), "cores_available": len(os.sched_getaffinity(0))},
+        "store": "valkey (shared tenant limits: one Lua round trip to admit, one to release)",
+        "rows": rows,
+        "goals": sweep_goals(rows),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "gateway_workers.json", out_dir / "gateway_workers.png"
+    json_path.write_text(json.dumps(result, indent=2))
+    plot_workers_sweep(result, png_path)
+    for row in rows:
+        log(
+            f"{row['workers']} workers, {row['clients']:>3} clients: added p50 {row['added_p50_ms']:.1f} ms, p99 {row['added_p99_ms']:.1f} ms, "
+            f"{row['gateway_requests_per_s']:.0f} req/s (direct {row['direct_requests_per_s']:.0f}), "
+            f"gateway CPU {row['gateway_cpu_ms_per_request']:.2f} ms/request"
+        )
+    log(f"{json_path}, {png_path}")
+    return result
+
+
+def sweep_goals(rows: list[dict]) -> dict:
+    by = {(r["workers"], r["clients"]): r for r in rows}
+    goals: dict = {}
+    if (2, 64) in by:
+        p50 = by[(2, 64)]["added_p50_ms"]
+        goals["added_p50_ms_2_workers_64_clients"] = {"value": p50, "at_most": GOAL_P50_ADDED_MS_2_WORKERS_64_CLIENTS, "met": p50 <= GOAL_P50_ADDED_MS_2_WORKERS_64_CLIENTS}
+    for clients in sorted({c for _, c in by}):
+        if (1, clients) in by and (2, clients) in by:
+            ratio = by[(2, clients)]["gateway_requests_per_s"] / by[(1, clients)]["gateway_requests_per_s"]
+            goals[f"requests_per_s_ratio_2_over_1_workers_{clients}_clients"] = {
+                "value": ratio,
+                "at_least": GOAL_THROUGHPUT_RATIO_2_OVER_1,
+                "met": ratio >= GOAL_THROUGHPUT_RATIO_2_OVER_1,
+            }
+    return goals
+
+
+def plot_workers_sweep(result: dict, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for workers in sorted({r["workers"] for r in rows}):
+        mine = sorted((r for r in rows if r["workers"] == workers), key=lambda r: r["clients"])
+        xs = [r["clients"] for r in mine]
+        line = latency.plot(xs, [r["added_p50_ms"] for r in mine], "o-", label=f"{workers} worker(s), added p50")[0]
+        latency.plot(xs, [r["added_p99_ms"] for r in mine], "s--", color=line.get_color(), alpha=0.6, label=f"{workers} worker(s), added p99")
+        throughput.plot(xs, [r["gateway_requests_per_s"] for r in mine], "o-", color=line.get_color(), label=f"through {workers} worker(s)")
+    direct = {r["clients"]: r["direct_requests_per_s"] for r in rows}
+    throughput.plot(sorted(direct), [direct[c] for c in sorted(direct)], "k:", label="shard directly (ceiling)")
+    for axis in (latency, throughput):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients")
+        axis.legend(fontsize=7)
+    latency.axhline(GOAL_P50_ADDED_MS_2_WORKERS_64_CLIENTS, color="gray", linestyle=":")
+    latency.set_ylabel("gateway - direct (ms)")
+    latency.set_title("latency the gateway adds")
+    throughput.set_ylabel("requests / s")
+    machine = result["machine"]
+    throughput.set_title(f"1-token completions; {machine['cores_available']} cores ({machine['cpu']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
     parser.add_argument("--toy", action="store_true", help="a few requests at 4 clients (for tests)")
+    parser.add_argument("--workers-sweep", action="store_true", help="1, 2 and 4 gateway workers sharing limits through Valkey, at 1, 64 and 256 clients")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    if args.workers_sweep:
+        run_workers_sweep(args.out, toy=args.toy)
+        return 0
     profile = TOY if args.toy else QUICK if args.quick else FULL
     run(profile, args.out)
     return 0

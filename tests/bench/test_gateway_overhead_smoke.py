@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from bench.gateway_overhead import TOY, percentile, run
+from bench.gateway_overhead import TOY, percentile, run, run_workers_sweep
 
 
 def test_percentile_interpolates():
@@ -29,3 +29,14 @@ def test_toy_run_measures_both_paths_interleaved_and_writes_json_and_png(tmp_pat
     saved = json.loads((out / "gateway_overhead.json").read_text())
     assert saved["profile"]["concurrency"] == TOY.concurrency
     assert (out / "gateway_overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_toy_workers_sweep_covers_every_worker_count_and_client_count(tmp_path, demo_assets):
+    out = tmp_path / "results"
+    result = run_workers_sweep(out, workers=(1, 2), clients=(1, 4), toy=True, work_dir=tmp_path / "work", log=lambda _: None)
+    assert [(r["workers"], r["clients"]) for r in result["rows"]] == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    for row in result["rows"]:
+        assert row["gateway_requests_per_s"] > 0 and row["gateway_cpu_ms_per_request"] > 0 and row["store_cpu_ms_per_request"] is not None
+    assert set(result["goals"]) == {"requests_per_s_ratio_2_over_1_workers_1_clients", "requests_per_s_ratio_2_over_1_workers_4_clients"}
+    assert json.loads((out / "gateway_workers.json").read_text())["rows"] == result["rows"]
+    assert (out / "gateway_workers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
