@@ -1,7 +1,7 @@
 # Fixtures shared by every part's tests and the end-to-end tests (one instance per session).
 pytest_plugins = [
-    "loraplex.testing.demo_assets",
-    "loraplex.testing.mlflow_server",
-    "loraplex.testing.redis_server",
-    "loraplex.testing.shard_models",
+    "tests.support.demo_assets",
+    "tests.support.mlflow_server",
+    "tests.support.redis_server",
+    "tests.support.shard_models",
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bench.profiles import AdapterSpec, ModelSpec
-from shard.lora.synthetic import random_llama_config
+from bench.synthetic_models import random_llama_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from shard.lora import AdapterKey, HostAdapter, LoraFactors, install_multi_lora
-from shard.lora.synthetic import random_llama, random_llama_config
+from bench.synthetic_models import random_llama, random_llama_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

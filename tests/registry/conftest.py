@@ -1,5 +1,5 @@
 """Tiny Llama base models and PEFT adapters made on the spot. The MLflow fixtures (`mlflow_server`,
-`adapter_registry`) come from loraplex.testing.mlflow_server via the root conftest."""
+`adapter_registry`) come from tests.support.mlflow_server via the root conftest."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ import torch
 
 from shard.engine import Engine, FinishReason, GenerationRequest, SamplingOptions
 from shard.lora import AdapterKey, AdapterNotFoundError, LocalAdapterSource, TieredAdapterCache, install_multi_lora
-from loraplex.testing.shard_models import tiny_llama_config
-from shard.lora.synthetic import byte_tokenizer, random_llama
+from tests.support.shard_models import tiny_llama_config
+from bench.synthetic_models import byte_tokenizer, random_llama
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ from shard.engine import (
     QueueFullError,
     SamplingOptions,
 )
-from shard.lora.synthetic import byte_tokenizer
+from bench.synthetic_models import byte_tokenizer
 
 torch.set_num_threads(1)
 

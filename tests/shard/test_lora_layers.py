@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from shard.lora import AdapterKey, install_multi_lora, read_peft_adapter
 from shard.lora.batch_plan import plan_batch
-from shard.lora.synthetic import random_llama, random_llama_config, save_random_peft_adapter
+from bench.synthetic_models import random_llama, random_llama_config, save_random_peft_adapter
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

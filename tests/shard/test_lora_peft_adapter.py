@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from shard.lora import AdapterKey, AdapterNotFoundError, AdapterRejectedError, LocalAdapterSource, read_peft_adapter
 from shard.lora.peft_adapter import ModuleShape
-from shard.lora.synthetic import random_llama, random_llama_config, save_random_peft_adapter
+from bench.synthetic_models import random_llama, random_llama_config, save_random_peft_adapter
 
 KEY = AdapterKey("t", "local")
 

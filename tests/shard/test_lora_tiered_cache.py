@@ -16,7 +16,7 @@ from shard.lora import (
     TieredAdapterCache,
     install_multi_lora,
 )
-from shard.lora.synthetic import random_llama, random_llama_config, save_random_peft_adapter
+from bench.synthetic_models import random_llama, random_llama_config, save_random_peft_adapter
 
 WAIT_S = 60  # upper bound for a background load on a loaded 2-core machine; never reached normally
 

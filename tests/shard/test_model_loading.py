@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 from shard.lora import AdapterKey, install_multi_lora, read_peft_adapter
-from shard.lora.synthetic import random_llama, random_llama_config, save_random_llama, save_random_peft_adapter
+from bench.synthetic_models import random_llama, random_llama_config, save_random_llama, save_random_peft_adapter
 from shard.model_loading import ModelLoadError, load_base_model
 
 

@@ -8,7 +8,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.stack.ports import free_port
-from loraplex.testing.shard_server import generate_request, running_shard, shard_test_settings
+from tests.support.shard_server import generate_request, running_shard, shard_test_settings
 from protos import shard_pb2_grpc
 from shard.metrics import REFUSAL_REASONS, ShardMetrics
 from shard.settings import SettingsError, ShardSettings

@@ -6,8 +6,7 @@ import asyncio
 
 import grpc
 
-from loraplex.testing.mlflow_server import adapter_registry, mlflow_server  # noqa: F401  (fixtures)
-from loraplex.testing.shard_server import generate_request, running_shard, shard_test_settings
+from tests.support.shard_server import generate_request, running_shard, shard_test_settings
 from protos import shard_pb2, shard_pb2_grpc
 
 

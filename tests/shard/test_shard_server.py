@@ -7,7 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.testing.shard_server import generate_request, running_shard, shard_test_settings
+from tests.support.shard_server import generate_request, running_shard, shard_test_settings
 from protos import shard_pb2, shard_pb2_grpc
 from shard.server import serve
 

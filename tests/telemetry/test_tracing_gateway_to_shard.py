@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from gateway.tenants import sha256_hex
 from loraplex.telemetry import exporting_is_configured, tracer_provider
-from loraplex.testing.shard_server import running_shard, shard_test_settings
+from tests.support.shard_server import running_shard, shard_test_settings
 
 KEY = "trace-tenant-key"
 

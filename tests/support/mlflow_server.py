@@ -1,6 +1,6 @@
 """Shared pytest fixtures: one real MLflow server per test session, and a registry client on it.
 
-Register with `pytest_plugins = ["loraplex.testing.mlflow_server"]` (or import * in a conftest).
+The root conftest registers this module with `pytest_plugins`.
 """
 
 from __future__ import annotations

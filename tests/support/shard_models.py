@@ -17,7 +17,7 @@ TINY_ADAPTERS = {
 
 
 def tiny_llama_config():
-    from shard.lora.synthetic import random_llama_config
+    from bench.synthetic_models import random_llama_config
 
     return random_llama_config(
         hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -29,14 +29,14 @@ def tiny_llama_config():
 def tiny_llama():
     """(model, tokenizer): a fresh random fp32 Llama in eval mode. Do not install LoRA on it;
     build your own copy with ``random_llama(tiny_llama_config())`` for that."""
-    from shard.lora.synthetic import byte_tokenizer, random_llama
+    from bench.synthetic_models import byte_tokenizer, random_llama
 
     return random_llama(tiny_llama_config(), seed=0), byte_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from shard.lora.synthetic import save_random_llama
+    from bench.synthetic_models import save_random_llama
 
     return save_random_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_llama_config(), seed=0)
 
@@ -44,7 +44,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter_dirs(tmp_path_factory) -> dict[str, Path]:
     """name -> PEFT adapter folder (save_pretrained) for the tiny Llama (seed 0)."""
-    from shard.lora.synthetic import random_llama, save_random_peft_adapter
+    from bench.synthetic_models import random_llama, save_random_peft_adapter
 
     base = random_llama(tiny_llama_config(), seed=0)
     root = tmp_path_factory.mktemp("tiny-adapters")

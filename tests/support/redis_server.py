@@ -1,6 +1,6 @@
 """Shared pytest fixture: one real Redis-compatible server (Valkey) per test session, on loopback.
 
-Register with `pytest_plugins = ["loraplex.testing.redis_server"]`. Tests that use it must leave
+The root conftest registers it with `pytest_plugins`. Tests that use it must leave
 no keys behind that another test could read: each names its tenants (and so its keys) uniquely.
 """
 
