@@ -78,7 +78,8 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         while not stopping.is_set():
             stopping.wait(1.0)
-            dead = [p.name for p in [*stack.shards.values(), stack.gateway] if p and not p.is_running()]
+            watched = [*stack.shards.values(), stack.gateway, stack.redis.process if stack.redis else None]
+            dead = [p.name for p in watched if p and not p.is_running()]
             if dead:
                 print(f"loraplex: {', '.join(dead)} exited; see {running.state_dir / 'logs'}", file=sys.stderr)
     except KeyboardInterrupt:
