@@ -1,8 +1,18 @@
-"""The gateway's Prometheus metrics, in a registry of its own (one per app: no process globals)."""
+"""The gateway's Prometheus metrics, in a registry of its own (one per app: no process globals).
+
+With several worker processes (gateway/workers.py) a scrape reaches one of them, so every worker
+writes its values to files in `PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode,
+chosen when that variable is set before the worker starts) and `exposition()` merges all workers':
+counters and histograms add up, each gauge as its `multiprocess_mode` says.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -21,18 +31,18 @@ class GatewayMetrics:
             "loraplex_gateway_first_token_seconds", "Time until the first text arrived from a shard", ["route"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.tokens = Counter("loraplex_gateway_tokens", "Tokens served", ["kind", "adapter"], registry=r)
-        self.shard_healthy = Gauge("loraplex_gateway_shard_healthy", "1 when the shard is in the ring", ["shard"], registry=r)
-        self.shard_in_flight = Gauge("loraplex_gateway_shard_in_flight", "Requests in flight per shard", ["shard"], registry=r)
+        self.shard_healthy = Gauge("loraplex_gateway_shard_healthy", "1 when the shard is in the ring", ["shard"], multiprocess_mode="livemin", registry=r)
+        self.shard_in_flight = Gauge("loraplex_gateway_shard_in_flight", "Requests in flight per shard", ["shard"], multiprocess_mode="livesum", registry=r)
         self.shard_failures = Counter("loraplex_gateway_shard_attempt_failures", "Failed shard calls", ["shard", "code"], registry=r)
-        self.routing_stale = Gauge("loraplex_gateway_routing_table_stale", "1 when the routing table could not be refreshed", registry=r)
-        self.routing_age = Gauge("loraplex_gateway_routing_table_age_seconds", "Seconds since the routing table was last refreshed", registry=r)
+        self.routing_stale = Gauge("loraplex_gateway_routing_table_stale", "1 when the routing table could not be refreshed", multiprocess_mode="livemax", registry=r)
+        self.routing_age = Gauge("loraplex_gateway_routing_table_age_seconds", "Seconds since the routing table was last refreshed", multiprocess_mode="livemax", registry=r)
         self.version_fallbacks = Counter(
             "loraplex_gateway_version_fallbacks", "Requests served by the last good version after the shards refused a promoted one", ["adapter"], registry=r
         )
         self.stream_cuts = Counter("loraplex_gateway_stream_cuts", "Streams ended by an error event after text was sent", registry=r)
-        self.shadow_pairs = Gauge("loraplex_gateway_shadow_started", "Shadow copies started", registry=r)
+        self.shadow_pairs = Gauge("loraplex_gateway_shadow_started", "Shadow copies started", multiprocess_mode="livesum", registry=r)
         self.limits_store_up = Gauge(
-            "loraplex_gateway_limits_store_up", "1 while the shared tenant-limits store (Redis/Valkey) answers", registry=r
+            "loraplex_gateway_limits_store_up", "1 while the shared tenant-limits store (Redis/Valkey) answers", multiprocess_mode="livemin", registry=r
         )
         self.limits_degraded = Counter(
             "loraplex_gateway_limits_degraded",
@@ -40,7 +50,12 @@ class GatewayMetrics:
             ["policy"],
             registry=r,
         )
-        self.shadow_dropped = Gauge("loraplex_gateway_shadow_dropped", "Shadow copies shed because the shadow pool was full", registry=r)
+        self.shadow_dropped = Gauge("loraplex_gateway_shadow_dropped", "Shadow copies shed because the shadow pool was full", multiprocess_mode="livesum", registry=r)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = os.environ.get(MULTIPROCESS_DIR_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, directory)
+        return generate_latest(merged)

@@ -144,6 +144,24 @@ def test_gateway_a_runs_two_worker_processes_on_one_port(cluster):
     assert len(workers) == 2
 
 
+def requests_counted(url: str) -> float:
+    """`loraplex_gateway_requests_total` of tenant-served completions, summed over label sets."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("loraplex_gateway_requests_total{") and 'endpoint="/v1/completions"' in line
+    )
+
+
+def test_metrics_of_every_worker_add_up_whichever_worker_is_scraped(cluster):
+    before = requests_counted(cluster.a)
+    for _ in range(20):
+        assert complete(cluster.a, "sixteen", max_tokens=1).status_code == 200
+    # Each scrape reaches one of A's two workers; each reports both workers' requests.
+    assert [requests_counted(cluster.a) - before for _ in range(4)] == [20.0] * 4
+
+
 def test_the_17th_concurrent_request_gets_429_whichever_process_it_reaches(cluster):
     cluster.slow_shards(1.5)  # 3 tokens: each request holds its lease ~4.5 s
     try:
