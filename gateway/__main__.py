@@ -21,6 +21,7 @@ from gateway.settings import GatewaySettings, SettingsError
 from gateway.tenants import TenantDirectory, TenantsFileError
 from gateway.workers import LOG_FORMAT, GatewayWorkers, worker_app
 
+
 def announce_ready(settings: GatewaySettings, port: int, workers: int) -> None:
     # One write: print() writes the text and the newline separately, and a log line from another
     # thread can land between them, breaking readers that look for this line.

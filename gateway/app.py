@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from litestar import Litestar
-from redis.asyncio import Redis
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import TracerProvider
@@ -20,7 +19,9 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.types import Message, Scope
+from redis.asyncio import Redis
 
+from gateway import shared_store
 from gateway.app_lifecycle import call_blocking_or_async
 from gateway.completions import CompletionService, PromptMeasure
 from gateway.dispatch import Dispatcher
@@ -31,7 +32,6 @@ from gateway.routes.responses import openai_error_response
 from gateway.routing import Router, RoutingSource
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings, SettingsError
-from gateway import shared_store
 from gateway.shadow import LocalShadowAggregates, SharedShadowAggregates, ShadowMode, ShadowRecorder
 from gateway.shared_limits import SharedTenantLimiter
 from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
