@@ -15,7 +15,7 @@ ORIGINS = ("source", "disk", "host")
 
 def _origin(shard: LoraplexShard, name: str) -> str:
     key = adapter_key(name)
-    for info in shard.cache.adapters():
+    for info in shard.lora.adapters():
         if info.adapter == key:
             return info.tier
     return "source"
@@ -25,14 +25,14 @@ def measure_activation(shard: LoraplexShard, names: list[str], disk_samples: int
     """Cycle twice over 2 x slots adapters (host holds them all, the device half: every second
     visit is host -> slot), then unload some (drops device and host copies, keeps the disk copy)
     and load them again (disk -> slot)."""
-    slots = shard.runtime.pool.num_slots
+    slots = shard.lora.pool.num_slots
     cycle = names[: 2 * slots]
     samples: dict[str, list[float]] = {origin: [] for origin in ORIGINS}
 
     def timed_load(name: str) -> None:
         origin = _origin(shard, name)
         started = time.perf_counter()
-        shard.cache.load(adapter_key(name))
+        shard.lora.load(adapter_key(name))
         if origin in samples:
             samples[origin].append((time.perf_counter() - started) * 1000)
 
@@ -40,7 +40,7 @@ def measure_activation(shard: LoraplexShard, names: list[str], disk_samples: int
         for name in cycle:
             timed_load(name)
     for name in cycle[:disk_samples]:
-        if shard.cache.unload(adapter_key(name)):
+        if shard.lora.unload(adapter_key(name)):
             timed_load(name)
     return {
         f"{origin}_to_slot_ms": {
@@ -51,6 +51,6 @@ def measure_activation(shard: LoraplexShard, names: list[str], disk_samples: int
         }
         for origin, values in samples.items()
     } | {
-        "adapter_bytes_per_slot": shard.runtime.pool.bytes_per_slot(),
-        "cache_tier_stats": [asdict(s) for s in shard.cache.tier_stats()],
+        "adapter_bytes_per_slot": shard.lora.pool.bytes_per_slot(),
+        "cache_tier_stats": [asdict(s) for s in shard.lora.tier_stats()],
     }

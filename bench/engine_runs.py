@@ -1,5 +1,6 @@
-"""Driving loraplex's engine for the benchmark: the real Engine, LoRA runtime and tiered adapter
-cache, fed through their public calls (submit / run_once / request handles / cache.load)."""
+"""Driving loraplex's engine for the benchmark: the real Engine and LoRA manager (layers, slot
+pool, tiered adapter cache), fed through their public calls (submit / run_once / request handles /
+LoraManager.load)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from bench.run_result import RunResult
 from bench.workloads import BenchRequest
 from shard.engine import Engine, GenerationRequest, SamplingOptions
-from shard.lora import LOCAL_VERSION, AdapterKey, LocalAdapterSource, TieredAdapterCache, install_multi_lora
+from shard.lora import LOCAL_VERSION, AdapterKey, LocalAdapterSource, LoraManager
 
 
 def adapter_key(name: str) -> AdapterKey:
@@ -35,17 +36,18 @@ class LoraplexShard:
 
     model: torch.nn.Module
     tokenizer: object
-    runtime: object
-    cache: TieredAdapterCache
+    lora: LoraManager
     max_batch: int
 
     @classmethod
     def build(cls, model, tokenizer, adapter_dirs: dict[str, Path], *, device_slots: int, max_rank: int,
               host_capacity: int, disk_dir: Path, max_batch: int,
               pool_dtype: torch.dtype | None = None) -> "LoraplexShard":
-        runtime = install_multi_lora(model, device_slots=device_slots, max_rank=max_rank, pool_dtype=pool_dtype)
-        cache = TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=host_capacity, disk_dir=disk_dir)
-        return cls(model, tokenizer, runtime, cache, max_batch)
+        lora = LoraManager.install(
+            model, LocalAdapterSource(adapter_dirs), device_slots=device_slots, max_rank=max_rank,
+            host_capacity=host_capacity, pool_dtype=pool_dtype, disk_dir=disk_dir,
+        )
+        return cls(model, tokenizer, lora, max_batch)
 
     def engine(self, *, context: int, max_queue: int = 256) -> Engine:
         return Engine(
@@ -56,17 +58,16 @@ class LoraplexShard:
             max_context=self.model.config.max_position_embeddings,
             # One prefill forward admits the whole load: every later step is a pure decode step.
             prefill_chunk_tokens=16384,
-            lora_runtime=self.runtime,
-            adapter_cache=self.cache,
+            lora=self.lora,
             initial_kv_columns=context,
         )
 
     def warm(self, names: list[str]) -> None:
         for name in names:
-            self.cache.load(adapter_key(name))
+            self.lora.load(adapter_key(name))
 
     def close(self) -> None:
-        self.cache.close()
+        self.lora.close()
 
 
 def context_for(requests: list[BenchRequest]) -> int:

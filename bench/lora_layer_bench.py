@@ -91,7 +91,7 @@ def run(args) -> dict:
         for distinct in args.distinct:
             # Rows in shuffled order over `distinct` adapters: no row->slot identity to exploit.
             slots = torch.arange(args.batch) % distinct
-            slots = slots[torch.randperm(args.batch, generator=generator)]
+            slots = slots[torch.randperm(args.batch, generator=generator)].tolist()
             for _ in range(args.warmup):
                 decode_step(base_model, base_cache, step_ids, args.context)
                 runtime.set_batch_slots(slots)

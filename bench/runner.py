@@ -167,9 +167,9 @@ def measure_curve(shard, engine, profile, names, log) -> dict:
             if index % 2:
                 pair.reverse()
             for side, load in pair:
-                before = {s.tier: s for s in shard.cache.tier_stats()}
+                before = {s.tier: s for s in shard.lora.tier_stats()}
                 result = serve(engine, load, f"curve{point}-{side}")
-                after = {s.tier: s for s in shard.cache.tier_stats()}
+                after = {s.tier: s for s in shard.lora.tier_stats()}
                 if side == "base":
                     base_runs[point].append(result)
                     continue
@@ -249,7 +249,7 @@ def run_benchmark(profile: BenchProfile, cache_dir: Path, log: Callable[[str], N
                 results["distinct_adapters_curve"] = measure_curve(shard, engine, profile, names, log)
             finally:
                 engine.stop(timeout=30)
-            results["activation_latency"]["cache_tier_stats_end"] = [asdict(s) for s in shard.cache.tier_stats()]
+            results["activation_latency"]["cache_tier_stats_end"] = [asdict(s) for s in shard.lora.tier_stats()]
         finally:
             shard.close()
     return {
@@ -261,8 +261,8 @@ def run_benchmark(profile: BenchProfile, cache_dir: Path, log: Callable[[str], N
         "settings": profile.as_dict() | {
             "torch_threads": torch.get_num_threads(),
             "parameters": params,
-            "lora_decode_kernel": bool(shard.runtime.uses_decode_kernel),
-            "adapter_pool_dtype": str(shard.runtime.pool.dtype).removeprefix("torch."),
+            "lora_decode_kernel": bool(shard.lora.runtime.uses_decode_kernel),
+            "adapter_pool_dtype": str(shard.lora.pool.dtype).removeprefix("torch."),
             "adapter_cache_dir": str(cache_dir),
         },
         "results": results,

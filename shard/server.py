@@ -1,4 +1,4 @@
-"""The shard's gRPC transport: ``protos/shard.proto`` over the engine and adapter cache, plus the
+"""The shard's gRPC transport: ``protos/shard.proto`` over the engine and its LoRA manager, plus the
 standard ``grpc.health.v1`` service (SERVING once the model is loaded, NOT_SERVING while
 draining). ``serve(settings)`` runs until SIGTERM/SIGINT, then drains and stops."""
 
@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -36,6 +36,9 @@ from shard.engine import (
 from shard.metrics import ShardMetrics
 from shard.settings import ShardSettings
 
+if TYPE_CHECKING:
+    from shard.lora import LoraManager
+
 log = logging.getLogger("shard")
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
@@ -52,7 +55,7 @@ class ShardCore:
 
     settings: ShardSettings
     engine: Engine
-    adapter_cache: Any  # shard.lora.TieredAdapterCache, or None: base model only
+    lora: LoraManager | None  # None: this shard serves the base model only
     base_model: str
     base_fingerprint: str
 
@@ -68,21 +71,18 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
     model, tokenizer = load_base_model(model_dir, settings.quantization, settings.device)
     fingerprint = base_model_fingerprint(model_dir)
     source = adapter_source_for(settings, fingerprint)
-    runtime = cache = None
+    lora = None
     if source is not None:
-        from shard.lora import TieredAdapterCache, install_multi_lora
+        from shard.lora import LoraManager
 
         pool_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        runtime = install_multi_lora(
+        lora = LoraManager.install(
             model,
+            source,
             device_slots=settings.device_slots,
             max_rank=settings.max_rank,
-            pool_dtype=pool_dtype[settings.adapter_dtype],
-        )
-        cache = TieredAdapterCache(
-            runtime,
-            source,
             host_capacity=settings.host_capacity,
+            pool_dtype=pool_dtype[settings.adapter_dtype],
             load_observer=metrics.observe_adapter_load if metrics is not None else None,
         )
     engine = Engine(
@@ -93,12 +93,11 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
         max_context=settings.max_context,
         default_max_tokens=settings.default_max_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        lora_runtime=runtime,
-        adapter_cache=cache,
+        lora=lora,
         metrics=metrics,
     ).start()
     name = getattr(model.config, "_name_or_path", "") or model_dir.name
-    return ShardCore(settings, engine, cache, Path(name).name or model_dir.name, fingerprint)
+    return ShardCore(settings, engine, lora, Path(name).name or model_dir.name, fingerprint)
 
 
 def _adapter_status(error: BaseException) -> grpc.StatusCode:
@@ -190,11 +189,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self.metrics.observe_refusal(reason)
         await context.abort(status, str(error))
 
-    async def _cache(self, context):
+    async def _lora(self, context) -> LoraManager:
         core = await self._core(context)
-        if core.adapter_cache is None:
+        if core.lora is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this shard serves the base model only")
-        return core.adapter_cache
+        return core.lora
 
     def _key(self, ref: shard_pb2.AdapterRef):
         from shard.lora import LOCAL_VERSION, AdapterKey
@@ -250,45 +249,44 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             handle.cancel()
 
     async def LoadAdapter(self, request: shard_pb2.LoadAdapterRequest, context):
-        cache = await self._cache(context)
+        lora = await self._lora(context)
         try:
             key = self._key(request.adapter)
             if key is None:
                 raise InvalidRequestError("an adapter name is required")
-            info = await asyncio.to_thread(cache.load, key, request.pin)
+            info = await asyncio.to_thread(lora.load, key, request.pin)
         except Exception as exc:
             await context.abort(_adapter_status(exc), str(exc))
         return shard_pb2.LoadAdapterResponse(adapter=_adapter_info(info))
 
     async def UnloadAdapter(self, request: shard_pb2.UnloadAdapterRequest, context):
-        cache = await self._cache(context)
+        lora = await self._lora(context)
         try:
             key = self._key(request.adapter)
             if key is None:
                 raise InvalidRequestError("an adapter name is required")
             if request.unpin_only:
-                await asyncio.to_thread(cache.unpin, key)
+                await asyncio.to_thread(lora.unpin, key)
                 unloaded = False  # still cached; only eviction is allowed again
             else:
-                unloaded = await asyncio.to_thread(cache.unload, key)
+                unloaded = await asyncio.to_thread(lora.unload, key)
         except Exception as exc:
             await context.abort(_adapter_status(exc), str(exc))
         return shard_pb2.UnloadAdapterResponse(unloaded=bool(unloaded))
 
     async def ListAdapters(self, request, context):
         core = await self._core(context)
-        cache = core.adapter_cache
-        if cache is None:
+        if core.lora is None:
             return shard_pb2.ListAdaptersResponse()
         return shard_pb2.ListAdaptersResponse(
-            adapters=[_adapter_info(i) for i in cache.adapters()],
-            tiers=[_tier_stats(t) for t in cache.tier_stats()],
+            adapters=[_adapter_info(i) for i in core.lora.adapters()],
+            tiers=[_tier_stats(t) for t in core.lora.tier_stats()],
         )
 
     async def Stats(self, request, context):
         core = await self._core(context)
         stats = core.engine.stats()
-        tiers = core.adapter_cache.tier_stats() if core.adapter_cache is not None else []
+        tiers = core.lora.tier_stats() if core.lora is not None else []
         return shard_pb2.StatsResponse(
             shard_id=self.settings.shard_id,
             base_model=core.base_model,
@@ -355,7 +353,7 @@ async def serve(
         servicer.core = loading.result()
         metrics.serving(
             servicer.core.engine,
-            servicer.core.adapter_cache,
+            servicer.core.lora,
             base_model=servicer.core.base_model,
             quantization=settings.quantization,
             device=settings.device,
@@ -387,8 +385,8 @@ async def serve(
             servicer.core.engine.stop(timeout=10)
         await server.stop(grace=2)
         metrics.stop_http()
-        if servicer.core is not None and servicer.core.adapter_cache is not None:
-            servicer.core.adapter_cache.close()
+        if servicer.core is not None and servicer.core.lora is not None:
+            servicer.core.lora.close()
         if owns_tracing and tracing is not None:
             tracing.shutdown()  # flushes the spans still batched
         log.info("shard %s stopped", settings.shard_id)

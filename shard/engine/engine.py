@@ -1,17 +1,18 @@
 """The continuous-batching engine: one thread that, at every step, admits waiting requests,
 prefills them (in chunks, batched), decodes every running request in one forward, and retires
-finished ones. Rows of one forward may use different LoRA adapters (``LoraRuntime``); requests
+finished ones. Rows of one forward may use different LoRA adapters (``LoraManager``); requests
 whose adapter is not on a device slot yet wait without stalling the others."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,10 +33,13 @@ from shard.engine.requests import (
 from shard.engine.sampling import RowSampler, sample_batch
 from shard.engine.scheduler import PrefillChunk, Scheduler
 
+if TYPE_CHECKING:
+    from shard.lora import AdapterKey, LoraManager
+
 log = logging.getLogger(__name__)
 
-# How long a request waits before asking the adapter cache again about an adapter that is
-# still loading, when no "ready" notification arrived (the cache may not have listeners).
+# How long a request waits before asking the LoRA manager again about an adapter that is still
+# loading, when no "ready" notification arrived.
 _ADAPTER_RETRY_S = 0.05
 _THROUGHPUT_WINDOW_S = 10.0
 
@@ -87,8 +91,7 @@ class Engine:
         max_context: int = 2048,
         default_max_tokens: int = 256,
         prefill_chunk_tokens: int = 512,
-        lora_runtime=None,
-        adapter_cache=None,
+        lora: LoraManager | None = None,
         record_logits: bool = False,
         initial_kv_columns: int | None = 256,
         metrics=None,
@@ -102,8 +105,7 @@ class Engine:
         self.max_context = self._context_limit(model, max_context)
         self.default_max_tokens = default_max_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.lora_runtime = lora_runtime
-        self.adapter_cache = adapter_cache
+        self.lora = lora  # None: this engine serves the base model only
         self.record_logits = record_logits
         self.metrics = metrics  # shard.metrics.ShardMetrics, or None
         embeddings = model.get_input_embeddings().weight
@@ -119,15 +121,15 @@ class Engine:
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._lock = threading.Condition()
         self._cancelled: list[_Sequence] = []
-        self._adapter_retry_at: dict[Any, float] = {}
+        self._adapter_retry_at: dict[AdapterKey, float] = {}
         self._closed = False
         self._stop = False
         self._thread: threading.Thread | None = None
         self._completed = 0
         self._tokens = 0
         self._decode_window: deque[tuple[float, float, int]] = deque()  # (end time, seconds, tokens)
-        if adapter_cache is not None and hasattr(adapter_cache, "add_listener"):
-            adapter_cache.add_listener(self._on_adapter_event)
+        if lora is not None:
+            lora.add_listener(self._on_adapter_event)
 
     # --- set-up helpers ------------------------------------------------------------------------
 
@@ -218,7 +220,7 @@ class Engine:
         EngineClosedError at once; adapter errors arrive through the handle's iteration."""
         options = request.sampling
         options.validate()
-        if request.adapter is not None and self.adapter_cache is None:
+        if request.adapter is not None and self.lora is None:
             raise InvalidRequestError("this shard serves the base model only")
         prompt_ids = self.tokenize(request)
         room = self.max_context - len(prompt_ids)
@@ -254,7 +256,7 @@ class Engine:
             self._cancelled.append(handle._sequence)
             self._lock.notify_all()
 
-    def _on_adapter_event(self, *args, **kwargs) -> None:
+    def _on_adapter_event(self, key: AdapterKey, error: Exception | None) -> None:
         with self._lock:
             self._adapter_retry_at.clear()
             self._lock.notify_all()
@@ -329,18 +331,15 @@ class Engine:
             return True
         if self._adapter_retry_at.get(key, 0) > time.monotonic():
             return False
-        slot = self.adapter_cache.try_acquire(key)
+        slot = self.lora.try_acquire(key)
         if slot is not None:
             self._adapter_retry_at.pop(key, None)
             sequence.slot = slot
             sequence.holds_adapter = True
             return True
-        error = self.adapter_cache.load_error(key)
+        error = self.lora.take_load_error(key)
         if error is not None:
             # One attempt per request: the next request for this adapter tries again.
-            clear = getattr(self.adapter_cache, "clear_error", None)
-            if clear is not None:
-                clear(key)
             self._adapter_retry_at.pop(key, None)
             self.scheduler.remove_waiting(sequence)
             self._fail(sequence, error)
@@ -362,24 +361,20 @@ class Engine:
         width = max(len(x) for x in inputs)
         pad = 0
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in inputs], device=self.device)
-        if self.lora_runtime is not None:
-            slots = torch.tensor([s.slot for s in sequences], dtype=torch.long, device=self.device)
-            self.lora_runtime.set_batch_slots(slots)
+        adapters = self.lora.batch([s.slot for s in sequences]) if self.lora is not None else contextlib.nullcontext()
         try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=plan.attention_mask,
-                position_ids=plan.position_ids,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            with adapters:
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=plan.attention_mask,
+                    position_ids=plan.position_ids,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         except BaseException:
             self.cache.abort()
             raise
-        finally:
-            if self.lora_runtime is not None:
-                self.lora_runtime.clear_batch_slots()
         self.cache.commit()
         return out.logits[:, -1, :].float()
 
@@ -497,4 +492,4 @@ class Engine:
         self.scheduler.retire(sequence)
         if sequence.holds_adapter:
             sequence.holds_adapter = False
-            self.adapter_cache.release(sequence.request.adapter)
+            self.lora.release(sequence.request.adapter)

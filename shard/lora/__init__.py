@@ -1,10 +1,11 @@
 """Multi-adapter LoRA for the shard: PEFT adapter parsing, the device slot pool, layers that serve
-many adapters in one forward pass, and the tiered adapter cache.
+many adapters in one forward pass, and the tiered adapter cache, behind one LoraManager.
 
-Flow: `install_multi_lora(model, ...)` swaps every targeted projection for a MultiLoraLinear and
-returns a LoraRuntime whose AdapterSlotPool holds N adapters on the model's device. A
-TieredAdapterCache fills slots in the background (source -> disk -> host -> device). Before each
-forward the engine calls `runtime.set_batch_slots(slot_ids)` (one slot per row, -1 = base).
+Flow: `LoraManager.install(model, source, ...)` swaps every targeted projection for a
+MultiLoraLinear (`install_multi_lora`, giving a LoraRuntime whose AdapterSlotPool holds N adapters
+on the model's device) and fills slots in the background through a TieredAdapterCache (source ->
+disk -> host -> device). Each forward runs inside `with manager.batch(slot_ids):` (one slot per
+row, -1 = base), which plans the step on the host and copies its indices to the device once.
 
 Devices: everything is device/dtype-agnostic torch (pools live on the model's device, indices
 are created there). On CPU with fp32 activations, decode steps (one token per row) use a small
@@ -22,6 +23,7 @@ from shard.lora.errors import (
 )
 from shard.lora.keys import AdapterKey
 from shard.lora.layers import MultiLoraLinear
+from shard.lora.manager import LoraManager
 from shard.lora.peft_adapter import HostAdapter, LoraFactors, ModuleShape, read_peft_adapter
 from shard.lora.runtime import DEFAULT_TARGET_MODULES, LoraRuntime, install_multi_lora
 from shard.lora.slot_pool import AdapterSlotPool
@@ -43,6 +45,7 @@ __all__ = [
     "LOCAL_VERSION",
     "LocalAdapterSource",
     "LoraFactors",
+    "LoraManager",
     "LoraRuntime",
     "ModuleShape",
     "MultiLoraLinear",

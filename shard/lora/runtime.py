@@ -35,8 +35,9 @@ class LoraRuntime:
     def module_shapes(self) -> dict[str, ModuleShape]:
         return self.pool.module_shapes
 
-    def set_batch_slots(self, slot_ids: torch.Tensor) -> None:
-        """Row b of the next forward uses slot slot_ids[b] (-1 = base model) for all its tokens."""
+    def set_batch_slots(self, slot_ids: Sequence[int]) -> None:
+        """Row b of the next forward uses slot slot_ids[b] (-1 = base model) for all its tokens.
+        Host ints: the plan is built on the host and copied to the device once."""
         self._batch_slots.plan = plan_batch(self.pool, slot_ids)
 
     def clear_batch_slots(self) -> None:

@@ -1,4 +1,4 @@
-"""Adapters in tiers: device slots (the runtime's pool), host memory, local disk, then the source.
+"""Adapters in tiers: device slots (the slot pool), host memory, local disk, then the source.
 
 Everything slow — fetching, parsing, validating, copying into a slot — runs on loader threads.
 `try_acquire` only looks at state under a lock, so the decoding loop never waits for a load: it
@@ -22,7 +22,7 @@ from typing import Callable
 from shard.lora.errors import AdapterError, AdapterInUseError, AdapterLoadTimeout, AdapterRejectedError
 from shard.lora.keys import AdapterKey
 from shard.lora.peft_adapter import CONFIG_FILE, WEIGHTS_FILE, HostAdapter, read_peft_adapter
-from shard.lora.runtime import LoraRuntime
+from shard.lora.slot_pool import AdapterSlotPool
 from shard.lora.sources import AdapterSource
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class CacheClosedError(AdapterError):
 class TieredAdapterCache:
     def __init__(
         self,
-        runtime: LoraRuntime,
+        pool: AdapterSlotPool,
         source: AdapterSource,
         *,
         host_capacity: int,
@@ -125,8 +125,7 @@ class TieredAdapterCache:
             raise ValueError(f"host_capacity must be >= 0, got {host_capacity}")
         if loader_threads < 1:
             raise ValueError(f"loader_threads must be >= 1, got {loader_threads}")
-        self._runtime = runtime
-        self._pool = runtime.pool
+        self._pool = pool
         self._source = source
         self._host_capacity = host_capacity
         self._disk_dir = Path(disk_dir) if disk_dir is not None else None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shard.engine import Engine, FinishReason, GenerationRequest, SamplingOptions
-from shard.lora import AdapterKey, AdapterNotFoundError, LocalAdapterSource, TieredAdapterCache, install_multi_lora
+from shard.lora import AdapterKey, AdapterNotFoundError, LocalAdapterSource, LoraManager
 from tests.support.shard_models import tiny_llama_config
 from bench.synthetic_models import byte_tokenizer, random_llama
 
@@ -37,20 +37,19 @@ def prompt(seed, length):
 def adapter_engine(tiny_adapter_dirs):
     model = random_llama(tiny_llama_config(), seed=0)
     # Two device slots for three adapters: the cache must evict and requests must wait.
-    runtime = install_multi_lora(model, device_slots=2, max_rank=16)
-    cache = TieredAdapterCache(runtime, LocalAdapterSource(tiny_adapter_dirs), host_capacity=3)
+    lora = LoraManager.install(model, LocalAdapterSource(tiny_adapter_dirs), device_slots=2, max_rank=16, host_capacity=3)
     engine = Engine(
         model, byte_tokenizer(), max_batch_size=4, max_queue=16, max_context=96,
-        prefill_chunk_tokens=16, lora_runtime=runtime, adapter_cache=cache, record_logits=True,
+        prefill_chunk_tokens=16, lora=lora, record_logits=True,
     )
     engine.eos_ids = set()
-    yield engine, cache
+    yield engine, lora
     engine.stop(timeout=10)
-    cache.close()
+    lora.close()
 
 
 def test_mixed_adapter_rows_match_peft_alone(adapter_engine, tiny_adapter_dirs):
-    engine, cache = adapter_engine
+    engine, lora = adapter_engine
     specs = [  # (adapter name or None, prompt, max_tokens, submitted at iteration)
         ("alpha", prompt(1, 6), 8, 0),
         (None, prompt(2, 10), 6, 0),
@@ -83,7 +82,7 @@ def test_mixed_adapter_rows_match_peft_alone(adapter_engine, tiny_adapter_dirs):
         assert chunks[0].adapter == (AdapterKey(name, "local") if name else None)
         assert chunks[-1].finish_reason is FinishReason.LENGTH
     # Every acquired adapter was released when its request ended.
-    assert all(info.active_requests == 0 for info in cache.adapters())
+    assert all(info.active_requests == 0 for info in lora.adapters())
 
 
 def test_concurrent_requests_for_different_adapters_get_their_own(adapter_engine, tiny_adapter_dirs):
@@ -128,10 +127,8 @@ def test_a_loading_adapter_does_not_stall_other_requests(tiny_adapter_dirs):
 
     gate = threading.Event()
     model = random_llama(tiny_llama_config(), seed=0)
-    runtime = install_multi_lora(model, device_slots=2, max_rank=16)
-    cache = TieredAdapterCache(runtime, GatedSource(tiny_adapter_dirs, gate), host_capacity=3)
-    engine = Engine(model, byte_tokenizer(), max_batch_size=4, max_queue=8, max_context=64,
-                    lora_runtime=runtime, adapter_cache=cache).start()
+    lora = LoraManager.install(model, GatedSource(tiny_adapter_dirs, gate), device_slots=2, max_rank=16, host_capacity=3)
+    engine = Engine(model, byte_tokenizer(), max_batch_size=4, max_queue=8, max_context=64, lora=lora).start()
     try:
         engine.eos_ids = set()
         ids = prompt(8, 5)
@@ -147,4 +144,4 @@ def test_a_loading_adapter_does_not_stall_other_requests(tiny_adapter_dirs):
     finally:
         gate.set()
         engine.stop(timeout=10)
-        cache.close()
+        lora.close()

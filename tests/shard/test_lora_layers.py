@@ -85,8 +85,7 @@ def serve_mixed_batch(
         )
         runtime.pool.write(slot, adapter)
         slot_of[name] = slot
-    slots = torch.tensor([-1 if a is None else slot_of[a] for a in row_adapters])
-    runtime.set_batch_slots(slots)
+    runtime.set_batch_slots([-1 if a is None else slot_of[a] for a in row_adapters])
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
     runtime.clear_batch_slots()
@@ -129,7 +128,7 @@ def test_decode_with_kv_cache_matches_peft_generate(tiny_llama, adapter_dirs):
     names = list(adapter_dirs)
     for slot, name in enumerate(names):
         runtime.pool.write(slot, read_peft_adapter(adapter_dirs[name], AdapterKey(name, "local"), runtime.module_shapes, max_rank=64))
-    runtime.set_batch_slots(torch.tensor([-1 if a is None else names.index(a) for a in row_adapters]))
+    runtime.set_batch_slots([-1 if a is None else names.index(a) for a in row_adapters])
     cache, ids, generated = DynamicCache(), prompt, []
     with torch.no_grad():
         for _ in range(5):
@@ -176,21 +175,25 @@ def test_bf16_pool_over_fp32_base_is_close(tiny_llama, adapter_dirs, tokens, dec
 def test_groups_compute_at_the_ranks_present_not_max_rank(tiny_llama, adapter_dirs):
     _, _, runtime = serve_mixed_batch(tiny_llama, adapter_dirs, [None], torch.zeros(1, 1, dtype=torch.long))
     slot = {name: i for i, name in enumerate(adapter_dirs)}
-    plan = plan_batch(runtime.pool, torch.tensor([slot["r16_all"], slot["r16_all"]]))
+    plan = plan_batch(runtime.pool, [slot["r16_all"], slot["r16_all"]])
     assert [(g.rank, g.rows) for g in plan.groups] == [(16, None)]
-    plan = plan_batch(runtime.pool, torch.tensor([slot["r4_qv"], -1, slot["r64_mlp_rslora"], slot["r8_attn_patterns"]]))
+    plan = plan_batch(runtime.pool, [slot["r4_qv"], -1, slot["r64_mlp_rslora"], slot["r8_attn_patterns"]])
     assert [g.rank for g in plan.groups] == [4, 32, 64]  # buckets 8, 32 (rank_pattern k_proj=32), 64
     assert [g.rows.tolist() for g in plan.groups] == [[0], [3], [2]]
     assert "model.layers.0.self_attn.q_proj" in plan.groups[0].modules
     assert "model.layers.0.mlp.up_proj" not in plan.groups[0].modules
+    # Every index of the step is a view of one tensor: one host->device copy per step.
+    storages = {t.untyped_storage().data_ptr() for g in plan.groups for t in (g.row_index, g.slots)}
+    assert len(storages) == 1
+    assert [g.slots.tolist() for g in plan.groups] == [[slot["r4_qv"]], [slot["r8_attn_patterns"]], [slot["r64_mlp_rslora"]]]
 
 
 def test_bad_slot_ids_are_refused(tiny_llama, adapter_dirs):
     _, _, runtime = serve_mixed_batch(tiny_llama, adapter_dirs, [None], torch.zeros(1, 1, dtype=torch.long))
     empty_slot = runtime.pool.num_slots - 1
     with pytest.raises(ValueError, match="holds no adapter"):
-        runtime.set_batch_slots(torch.tensor([empty_slot]))
+        runtime.set_batch_slots([empty_slot])
     with pytest.raises(ValueError, match="outside"):
-        runtime.set_batch_slots(torch.tensor([runtime.pool.num_slots]))
-    with pytest.raises(ValueError, match="1-D"):
-        runtime.set_batch_slots(torch.tensor([[0]]))
+        runtime.set_batch_slots([runtime.pool.num_slots])
+    with pytest.raises(ValueError, match="one per batch row"):
+        runtime.set_batch_slots([[0]])

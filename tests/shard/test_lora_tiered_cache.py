@@ -91,7 +91,7 @@ def wait_ready(cache, k) -> int:
 
 
 def test_first_acquire_loads_in_background_then_hits(runtime, adapter_dirs):
-    with TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
         slot = wait_ready(cache, key("b"))
         assert runtime.pool.slot_rank(slot) == 8
         assert stats(cache)["device"].misses == 1 and stats(cache)["device"].hits == 1
@@ -106,7 +106,7 @@ def test_first_acquire_loads_in_background_then_hits(runtime, adapter_dirs):
 def test_try_acquire_never_waits_for_a_load_in_flight(runtime, adapter_dirs):
     source = GatedSource(LocalAdapterSource(adapter_dirs))
     source.gate.set()
-    with TieredAdapterCache(runtime, source, host_capacity=4) as cache:
+    with TieredAdapterCache(runtime.pool, source, host_capacity=4) as cache:
         slot_a = wait_ready(cache, key("a"))
         source.gate.clear()
         source.fetching.clear()
@@ -121,7 +121,7 @@ def test_try_acquire_never_waits_for_a_load_in_flight(runtime, adapter_dirs):
 
 
 def test_lru_eviction_spares_the_recently_used(runtime, adapter_dirs):
-    with TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
         cache.load(key("a"), timeout=WAIT_S)
         cache.load(key("b"), timeout=WAIT_S)
         assert cache.try_acquire(key("a")) is not None  # a request uses "a": it is now the newest
@@ -136,7 +136,7 @@ def test_lru_eviction_spares_the_recently_used(runtime, adapter_dirs):
 
 
 def test_in_use_and_pinned_adapters_are_never_evicted(runtime, adapter_dirs):
-    with TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
         slot_a = wait_ready(cache, key("a"))  # held by a "running request"
         assert cache.load(key("b"), pin=True, timeout=WAIT_S).pinned
         loaded = threading.Event()
@@ -157,7 +157,7 @@ def test_in_use_and_pinned_adapters_are_never_evicted(runtime, adapter_dirs):
 
 
 def test_host_tier_is_lru_and_disk_tier_is_reused(runtime, adapter_dirs, tmp_path):
-    with TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=1, disk_dir=tmp_path) as cache:
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=1, disk_dir=tmp_path) as cache:
         cache.load(key("a"), timeout=WAIT_S)
         cache.load(key("b"), timeout=WAIT_S)
         assert stats(cache)["host"].evictions == 1 and stats(cache)["host"].used == 1
@@ -170,7 +170,7 @@ def test_host_tier_is_lru_and_disk_tier_is_reused(runtime, adapter_dirs, tmp_pat
 
 
 def test_corrupt_adapter_fails_once_and_leaves_the_cache_intact(runtime, adapter_dirs):
-    with TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
         slot_a = wait_ready(cache, key("a"))
         before = {name: t[slot_a].clone() for name, t in runtime.pool.a.items()}
         failed = threading.Event()
@@ -195,7 +195,7 @@ def test_corrupt_adapter_fails_once_and_leaves_the_cache_intact(runtime, adapter
 
 
 def test_unload_frees_the_slot_and_base_key_is_refused(runtime, adapter_dirs):
-    with TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
         slot = wait_ready(cache, key("d"))
         cache.release(key("d"))
         assert cache.unload(key("d")) is True
@@ -212,10 +212,10 @@ def test_loads_into_other_slots_do_not_disturb_a_running_batch(tiny_llama, adapt
 
     model = copy.deepcopy(tiny_llama)
     runtime = install_multi_lora(model, device_slots=4, max_rank=16)
-    with TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=0) as cache:
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=0) as cache:
         slots = [wait_ready(cache, key("a")), wait_ready(cache, key("b")), -1]
         input_ids = torch.randint(3, 320, (3, 4), generator=torch.Generator().manual_seed(1))
-        runtime.set_batch_slots(torch.tensor(slots))
+        runtime.set_batch_slots(slots)
         with torch.no_grad():
             reference = model(input_ids=input_ids).logits
         stop, diffs = threading.Event(), []
@@ -242,7 +242,7 @@ def test_loads_into_other_slots_do_not_disturb_a_running_batch(tiny_llama, adapt
 def test_a_load_for_a_waiting_request_is_not_evicted_before_the_request_takes_it(runtime, adapter_dirs):
     """More distinct adapters waiting than slots: each fresh load must survive until its request
     is admitted, or the loads evict one another and nothing runs (seen at 128 adapters / 32 slots)."""
-    with TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=4) as cache:
         wait_ready(cache, key("a"))  # both slots held by running requests
         wait_ready(cache, key("b"))
         done = {name: threading.Event() for name in ("c", "d")}
