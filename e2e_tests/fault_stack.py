@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from loraplex.stack.local_stack import LocalStack, LocalStackConfig, RunningStack, shard_is_serving
+from tests.support.otlp_receiver import OtlpReceiver
 
 MLFLOW_API = "/api/2.0/mlflow"
 
@@ -52,6 +53,7 @@ class FaultStack:
     base_dir: Path
     adapter_dirs: dict[str, Path]
     work_dir: Path
+    traces: OtlpReceiver  # every process of the stack exports its spans here over OTLP/HTTP
 
     # ---- clients -----------------------------------------------------------------------------
     @property
@@ -130,6 +132,17 @@ class FaultStack:
         folder = self.variant_folder(adapter, label, lora_alpha_factor)
         return self.registry().publish(folder, adapter, self.base_dir).version
 
+    def publish_corrupt_variant(self, adapter: str, label: str) -> str:
+        """A new version whose stored weights are then damaged: bytes flipped inside the tensor
+        data (the header stays valid), so only the sha256 check can tell."""
+        version = self.publish_variant(adapter, label, lora_alpha_factor=3.0)
+        path = self.artifact_file(self.registry().resolve(adapter, version).run_id, "adapter_model.safetensors")
+        data = bytearray(path.read_bytes())
+        for offset in range(len(data) - 64, len(data) - 32):
+            data[offset] ^= 0x5A
+        path.write_bytes(bytes(data))
+        return version
+
     def artifact_file(self, run_id: str, filename: str) -> Path:
         """Where MLflow's artifact proxy keeps a run's file on this host."""
         found = sorted(self.stack.mlflow.artifacts_dir.glob(f"**/{run_id}/artifacts/**/{filename}"))
@@ -161,11 +174,22 @@ class FaultStack:
 @pytest.fixture(scope="session")
 def fault_stack(tmp_path_factory, demo_assets) -> FaultStack:
     state_dir = tmp_path_factory.mktemp("fault-stack")
-    stack = LocalStack(LocalStackConfig(state_dir=state_dir, always_free_ports=True, gateway_env=dict(FAST_GATEWAY_ENV)))
+    traces = OtlpReceiver().start()
+    # The standard OpenTelemetry variables, as a deployment sets them; spans leave every 0.2 s.
+    tracing_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": traces.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    stack = LocalStack(
+        LocalStackConfig(
+            state_dir=state_dir,
+            always_free_ports=True,
+            gateway_env={**FAST_GATEWAY_ENV, **tracing_env},
+            shard_env=dict(tracing_env),
+        )
+    )
     try:
         running = stack.start(log=lambda _: None)
         work_dir = state_dir / "test-work"
         work_dir.mkdir()
-        yield FaultStack(stack, running, Path(demo_assets.base_dir), dict(demo_assets.adapters), work_dir)
+        yield FaultStack(stack, running, Path(demo_assets.base_dir), dict(demo_assets.adapters), work_dir, traces)
     finally:
         stack.stop()
+        traces.stop()

@@ -49,20 +49,10 @@ def test_promotion_through_mlflow_rest_reaches_traffic_within_5s_and_rollback_re
         assert time.monotonic() - rolled_back_at <= PROMOTION_DEADLINE_S
 
 
-def _corrupt(path) -> None:
-    """Flips bytes inside the tensor data (the header stays valid): only the sha256 can tell."""
-    data = bytearray(path.read_bytes())
-    for offset in range(len(data) - 64, len(data) - 32):
-        data[offset] ^= 0x5A
-    path.write_bytes(bytes(data))
-
-
 def test_corrupt_version_promoted_to_champion_does_not_take_over(fault_stack):
     fs = fault_stack
     good = fs.alias_version(ADAPTER, "champion")
-    bad = fs.publish_variant(ADAPTER, "corrupt", lora_alpha_factor=3.0)
-    run_id = fs.registry().resolve(ADAPTER, bad).run_id
-    _corrupt(fs.artifact_file(run_id, "adapter_model.safetensors"))
+    bad = fs.publish_corrupt_variant(ADAPTER, "corrupt")
     with fs.http() as client:
         assert served_version(fs, client) == good  # the gateway has seen the good version serve
         try:

@@ -19,6 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -128,6 +129,17 @@ def _failure(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal"
 
 
+def _describe_span(adapter, shard_id: str) -> None:
+    """What this Generate served, on its span (the gateway's trace continues here)."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({
+            "loraplex.adapter": adapter.name if adapter is not None else "base",
+            "loraplex.version": adapter.version if adapter is not None else "",
+            "loraplex.shard": shard_id,
+        })
+
+
 def _ref(key) -> shard_pb2.AdapterRef:
     if key is None:
         return shard_pb2.AdapterRef()
@@ -223,6 +235,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 adapter=self._key(request.adapter),
                 sampling=sampling_options(request.sampling),
             )
+            _describe_span(generation.adapter, self.settings.shard_id)
             handle = core.engine.submit(generation)
         except (InvalidRequestError, QueueFullError, EngineClosedError) as exc:
             await self._refuse(context, exc)

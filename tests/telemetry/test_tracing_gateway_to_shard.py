@@ -105,3 +105,26 @@ def test_a_completion_is_one_trace_across_gateway_and_shard(tmp_path, tiny_model
     assert shard_generate[0].parent is not None
     assert shard_generate[0].parent.span_id == client_grpc[0].context.span_id
     assert shard_generate[0].resource.attributes["service.name"] == "loraplex-shard"
+
+
+def test_the_otlp_receiver_decodes_what_the_otlp_http_exporter_sends():
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    from tests.support.otlp_receiver import OtlpReceiver
+
+    with OtlpReceiver() as receiver:
+        for compression in (Compression.NoCompression, Compression.Gzip):
+            exporter = OTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces", compression=compression)
+            provider = tracer_provider("receiver-test", span_processor=SimpleSpanProcessor(exporter))
+            with provider.get_tracer("t").start_as_current_span("outer", kind=SpanKind.SERVER) as outer:
+                outer.set_attributes({"loraplex.adapter": "legal", "n": 3})
+                with provider.get_tracer("t").start_as_current_span("inner"):
+                    pass
+            provider.shutdown()
+        spans = receiver.spans()
+    assert receiver.requests >= 4 and len(spans) == 4
+    outer, inner = next(s for s in spans if s.name == "outer"), next(s for s in spans if s.name == "inner")
+    assert outer.service == "receiver-test" and outer.kind == "SERVER" and outer.parent_span_id == ""
+    assert outer.attributes == {"loraplex.adapter": "legal", "n": 3}
+    assert inner.trace_id == outer.trace_id and inner.parent_span_id == outer.span_id and inner.kind == "INTERNAL"
