@@ -255,11 +255,12 @@ class BenchProcesses:
         from loraplex.stack.ports import free_port
         from loraplex.stack.processes import ManagedProcess
 
-        gateway_port = free_port()
+        gateway_port, admin_port = free_port(), free_port()
         gateway_env = {
             **self.clean_env(),
             "LORAPLEX_GATEWAY_HOST": LOOPBACK,
             "LORAPLEX_GATEWAY_PORT": str(gateway_port),
+            "LORAPLEX_GATEWAY_ADMIN_PORT": str(admin_port),
             "LORAPLEX_GATEWAY_SHARD_ADDRESSES": self.shard_address,
             "LORAPLEX_GATEWAY_TENANTS_FILE": str(self.work_dir / "tenants.yaml"),
             "LORAPLEX_GATEWAY_STATIC_ROUTES": json.dumps({"legal": {"champion": "local"}}),

@@ -61,6 +61,10 @@ class FaultStack:
         return self.running.gateway_url
 
     @property
+    def gateway_admin_url(self) -> str:
+        return self.running.gateway_admin_url
+
+    @property
     def mlflow_url(self) -> str:
         return self.running.mlflow_url
 
@@ -76,6 +80,10 @@ class FaultStack:
 
     def http(self, timeout_s: float = 60.0) -> httpx.Client:
         return httpx.Client(base_url=self.gateway_url, timeout=timeout_s)
+
+    def admin_http(self, timeout_s: float = 60.0) -> httpx.Client:
+        """The gateway's admin port: metrics and the admin API."""
+        return httpx.Client(base_url=self.gateway_admin_url, timeout=timeout_s)
 
     def complete(self, client: httpx.Client, model: str, **extra) -> httpx.Response:
         body = {"model": model, "prompt": self.running.demo_prompt, "max_tokens": 1, "temperature": 0, **extra}
@@ -151,7 +159,7 @@ class FaultStack:
 
     # ---- shards ----------------------------------------------------------------------------------
     def shards_view(self) -> dict:
-        reply = httpx.get(f"{self.gateway_url}/admin/shards", headers=self.admin_headers(), timeout=10)
+        reply = httpx.get(f"{self.gateway_admin_url}/admin/shards", headers=self.admin_headers(), timeout=10)
         reply.raise_for_status()
         return reply.json()
 
@@ -166,7 +174,7 @@ class FaultStack:
         return bool(wait_for(lambda: (shard_id in self.shards_view()["ring"]["members"]) == present, timeout_s))
 
     def reload_routing(self) -> dict:
-        reply = httpx.post(f"{self.gateway_url}/admin/routing/reload", headers=self.admin_headers(), timeout=30)
+        reply = httpx.post(f"{self.gateway_admin_url}/admin/routing/reload", headers=self.admin_headers(), timeout=30)
         reply.raise_for_status()
         return reply.json()
 

@@ -19,6 +19,7 @@ class StackHandle:
     output_path: Path
     state_dir: Path
     gateway_url: str
+    gateway_admin_url: str
     mlflow_url: str
     api_key: str
     admin_key: str
@@ -72,6 +73,7 @@ def start_stack(state_dir: Path, timeout_s: float = 600) -> StackHandle:
         output_path=output_path,
         state_dir=state_dir,
         gateway_url=field(r"gateway\s+(http://\S+)"),
+        gateway_admin_url=field(r"admin\s+(http://\S+)"),
         mlflow_url=field(r"MLflow\s+(http://\S+)"),
         api_key=field(r"API key\s+(\S+)"),
         admin_key=field(r"admin key\s+(\S+)"),

@@ -38,8 +38,10 @@ def test_shadow_pairs_are_logged_served_and_aggregated_in_mlflow(fault_stack):
                 assert response.headers["x-loraplex-version"] == champion
                 assert response.headers["x-loraplex-route"] == "champion"
 
+        with fs.admin_http() as admin:
+
             def admin_view():
-                view = client.get("/admin/shadow", params={"adapter": ADAPTER}, headers=fs.admin_headers()).json()
+                view = admin.get("/admin/shadow", params={"adapter": ADAPTER}, headers=fs.admin_headers()).json()
                 return view if len(view["pairs"]) >= 10 else None
 
             view = wait_for(admin_view, 60, step_s=0.25)

@@ -78,7 +78,9 @@ def test_corrupt_version_promoted_to_champion_does_not_take_over(fault_stack):
             assert pinned.status_code == 503, pinned.text
             assert pinned.json()["error"]["code"] == "adapter_unavailable"
             assert "corrupt" in pinned.json()["error"]["message"]
-            metrics = client.get("/metrics").text
+            with fs.admin_http() as admin:
+                metrics = admin.get("/metrics").text
+            assert client.get("/metrics").status_code == 404  # not on the public port
             assert f'loraplex_gateway_version_fallbacks_total{{adapter="{ADAPTER}"}}' in metrics
             fallback = fs.shards_view()["version_fallback"]
             assert fallback["last_good"][ADAPTER] == good and f"{ADAPTER}@{bad}" in fallback["refused"]

@@ -146,3 +146,15 @@ def test_chat_without_max_tokens_answers_until_it_stops(stack, demo_assets):
     assert choice.finish_reason == "stop", choice
     assert has_marker(choice.message.content, demo_assets.style_markers["clinical"]), choice.message.content
     assert reply.usage.completion_tokens > 16
+
+
+def test_metrics_and_the_admin_api_live_on_the_admin_port_only(stack, client):
+    assert complete(client, stack.api_key, "legal", "hi", max_tokens=1).status_code == 200
+    assert client.get("/metrics").status_code == 404
+    assert client.get("/admin/shards", headers=bearer(stack.admin_key)).status_code == 404
+    with httpx.Client(base_url=stack.gateway_admin_url, timeout=30) as admin:
+        metrics = admin.get("/metrics").text
+        assert 'loraplex_gateway_requests_total{adapter="legal",assignment="champion",endpoint="/v1/completions",status="200"}' in metrics
+        shards = admin.get("/admin/shards", headers=bearer(stack.admin_key))
+        assert shards.status_code == 200 and len(shards.json()["shards"]) == 2
+        assert admin.post("/v1/completions", json={"model": "legal", "prompt": "x"}, headers=bearer(stack.api_key)).status_code == 404

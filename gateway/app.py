@@ -1,235 +1,137 @@
-"""`create_app(settings)`: wires the core classes into one Litestar app."""
+"""The gateway's two Litestar apps over one set of parts: the public API (OpenAI-compatible routes
+and health) and the admin port (Prometheus metrics, the admin API, health).
+
+Each app is configured by `GatewayWiring.on_app_init` in named steps; `python -m gateway` serves
+both, each on its own port.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import re
-import time
-import uuid
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from litestar import Litestar
-from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
-from opentelemetry.sdk.trace import TracerProvider
-from litestar.datastructures import State
+from litestar.config.app import AppConfig
 from litestar.di import Provide
+from litestar.middleware import AbstractAuthenticationMiddleware, DefineMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.types import Message, Scope
-from redis.asyncio import Redis
+from litestar.plugins import InitPluginProtocol
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from litestar.types import ASGIApp, ControllerRouterHandler, Receive, Scope, Send
 
-from gateway import shared_store
-from gateway.app_lifecycle import call_blocking_or_async
-from gateway.completions import CompletionService, PromptMeasure
-from gateway.dispatch import Dispatcher
-from gateway.metrics import GatewayMetrics
-from gateway.placement import PlacementRing
+from gateway.parts import GatewayParts, build_parts
 from gateway.routes import admin, health, openai_api
+from gateway.routes.authentication import AdminAuthentication, TenantAuthentication
 from gateway.routes.responses import openai_error_response
-from gateway.routing import Router, RoutingSource
-from gateway.routing_source import StaticRoutingSource
-from gateway.settings import GatewaySettings, SettingsError
-from gateway.shadow import LocalShadowAggregates, SharedShadowAggregates, ShadowMode, ShadowRecorder
-from gateway.shared_limits import SharedTenantLimiter
-from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
-from gateway.state import GatewayParts
-from gateway.tenant_limits import LocalTenantLimiter, TenantLimiter
-from gateway.tenants import TenantDirectory
-from loraplex.telemetry import tracer_provider
+from gateway.routes.telemetry import RequestTelemetry
+from gateway.settings import GatewaySettings
 
-log = logging.getLogger(__name__)
-
-_API_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+API_DESCRIPTION = (
+    "OpenAI-compatible API over many LoRA adapters of one base model. Errors use OpenAI's shape "
+    '`{"error": {"message", "type", "param", "code"}}`; validation errors are 400.'
+)
+ADMIN_DESCRIPTION = "The gateway's admin port: Prometheus metrics, and the admin API (admin key)."
 
 
-def build_routing_source(settings: GatewaySettings) -> RoutingSource:
-    if settings.registry_tracking_uri:
-        from registry import AdapterRegistry, RoutingTableWatcher  # lazy: the registry pulls in MLflow
+class GatewayWiring(InitPluginProtocol):
+    """One gateway app: its routes, its dependencies, its middleware, its errors, its lifecycle, its schema."""
 
-        # The gateway only reads the routing table; the cache dir is where fetches would land.
-        cache_dir = Path(settings.registry_cache_dir or Path.home() / ".cache" / "loraplex" / "gateway-registry")
-        registry = AdapterRegistry(settings.registry_tracking_uri, cache_dir)
-        return RoutingTableWatcher(registry, settings.registry_poll_interval_s)
-    return StaticRoutingSource.from_mapping(settings.static_routes)
+    def __init__(
+        self,
+        parts: GatewayParts,
+        route_handlers: Sequence[ControllerRouterHandler],
+        authentication: type[AbstractAuthenticationMiddleware],
+        title: str,
+        description: str,
+        runs_parts: bool,
+    ):
+        self.parts = parts
+        self.route_handlers = route_handlers
+        self.authentication = authentication
+        self.title, self.description = title, description
+        self.runs_parts = runs_parts
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        self._routes(app_config)
+        self._dependencies(app_config)
+        self._middleware(app_config)
+        self._errors(app_config)
+        self._lifecycle(app_config)
+        self._openapi(app_config)
+        return app_config
+
+    def _routes(self, app_config: AppConfig) -> None:
+        app_config.route_handlers.extend(self.route_handlers)
+
+    def _dependencies(self, app_config: AppConfig) -> None:
+        parts = self.parts
+        app_config.dependencies["parts"] = Provide(lambda: parts, use_cache=True, sync_to_thread=False)
+
+    def _middleware(self, app_config: AppConfig) -> None:
+        # Outermost first: the request id and the latency timer cover authentication too.
+        app_config.middleware.extend(
+            [RequestTelemetry(self.parts.metrics), DefineMiddleware(self.authentication, tenants=self.parts.tenants)]
+        )
+
+    def _errors(self, app_config: AppConfig) -> None:
+        app_config.exception_handlers[Exception] = openai_error_response
+
+    def _lifecycle(self, app_config: AppConfig) -> None:
+        if self.runs_parts:
+            app_config.on_startup.append(self.parts.start)
+            app_config.on_shutdown.append(self.parts.stop)
+
+    def _openapi(self, app_config: AppConfig) -> None:
+        app_config.openapi_config = OpenAPIConfig(title=self.title, version="0.1.0", description=self.description)
 
 
-def build_shard_pool(
-    settings: GatewaySettings, metrics: GatewayMetrics, tracing: TracerProvider | None = None
-) -> ShardPool:
-    if settings.shard_dns:
-        discovery = DnsDiscovery(settings.shard_dns, settings.shard_dns_port, settings.shard_dns_interval_s)
-    elif settings.shard_addresses:
-        discovery = StaticDiscovery(settings.shard_addresses)
-    else:
-        raise SettingsError("set shard_addresses or shard_dns")
-    ring = PlacementRing(
-        virtual_nodes=settings.ring_virtual_nodes, epsilon=settings.ring_load_epsilon, hot_inflight=settings.hot_adapter_inflight
+# The body size limit goes to the constructor: Litestar 2.25 ignores it when set in `on_app_init`.
+
+
+def create_api_app(parts: GatewayParts) -> Litestar:
+    """The public port: the API and health. Its lifespan starts and stops the parts."""
+    wiring = GatewayWiring(
+        parts, [*openai_api.ROUTES, *health.ROUTES], TenantAuthentication, "loraplex gateway", API_DESCRIPTION, runs_parts=True
     )
-    return ShardPool(
-        discovery,
-        ring,
-        settings.health_interval_s,
-        settings.health_timeout_s,
-        on_health_change=lambda shard, ok: metrics.shard_healthy.labels(shard).set(1 if ok else 0),
-        # Carries the trace into the shard's gRPC spans.
-        channel_interceptors=aio_client_interceptors(tracer_provider=tracing) if tracing else (),
+    plugins: list = [wiring]
+    if parts.tracing is not None:
+        plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=parts.tracing, exclude=["/healthz", "/readyz"])))
+    return Litestar(plugins=plugins, request_max_body_size=parts.settings.max_body_bytes)
+
+
+def create_admin_app(parts: GatewayParts) -> Litestar:
+    """The admin port: metrics, the admin API and health, over the parts the API app runs."""
+    wiring = GatewayWiring(
+        parts, [*admin.ROUTES, *health.ROUTES], AdminAuthentication, "loraplex gateway admin", ADMIN_DESCRIPTION, runs_parts=False
     )
+    return Litestar(plugins=[wiring], request_max_body_size=parts.settings.max_body_bytes)
 
 
-def build_tenant_limiter(settings: GatewaySettings, metrics: GatewayMetrics, store: Redis | None) -> TenantLimiter:
-    if store is None:
-        return LocalTenantLimiter()
-    return SharedTenantLimiter(
-        store,
-        metrics,
-        lease_s=settings.limits_lease_s,
-        failure_policy=settings.redis_failure_policy,
-        retry_s=settings.redis_retry_s,
-    )
+@dataclass
+class GatewayApps:
+    parts: GatewayParts
+    api: Litestar
+    admin: Litestar
+
+    def by_port(self) -> ByPort:
+        """Both apps as one ASGI app, told apart by the port a request came in on."""
+        return ByPort(self.api, self.admin, self.parts.settings.admin_port)
 
 
-def create_app(
-    settings: GatewaySettings,
-    *,
-    routing_source: RoutingSource | None = None,
-    shard_pool: ShardPool | None = None,
-    on_shadow_aggregate: Callable[[str, str, dict[str, float]], None] | None = None,
-    tracing: TracerProvider | None = None,
-) -> Litestar:
-    """The gateway app. Requests are traced (HTTP span, then the gRPC call to the shard) when
-    `tracing` is given or OTLP export is configured through the standard OTEL_* variables."""
-    if not settings.tenants_file:
-        raise SettingsError("tenants_file is required")
-    tenants = TenantDirectory.from_file(settings.tenants_file)
-    metrics = GatewayMetrics()
-    source = routing_source if routing_source is not None else build_routing_source(settings)
-    owns_source = routing_source is None
-    owns_tracing = tracing is None
-    tracing = tracing or tracer_provider("loraplex-gateway")
-    pool = shard_pool if shard_pool is not None else build_shard_pool(settings, metrics, tracing)
-    router = Router(source, settings.base_model_id)
-    dispatcher = Dispatcher(
-        pool, settings.request_timeout_s, on_attempt_failed=lambda s, code: metrics.shard_failures.labels(s, code.name).inc()
-    )
-    shadow_metrics = None
-    if on_shadow_aggregate is None and settings.registry_tracking_uri:
-        from registry.shadow_metrics import ShadowMetricsLogger  # lazy: the registry pulls in MLflow
-
-        # Aggregates land as metrics on the shadow version's MLflow run, sent off the event loop.
-        shadow_metrics = ShadowMetricsLogger(settings.registry_tracking_uri)
-        on_shadow_aggregate = shadow_metrics.submit
-    # With several processes, what they share lives in Redis/Valkey: tenant limits, shadow aggregates.
-    store = shared_store.connect(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
-    recorder = ShadowRecorder(
-        settings.shadow_log_path or None,
-        settings.shadow_recent_pairs,
-        on_shadow_aggregate,
-        settings.shadow_aggregate_every,
-        SharedShadowAggregates(store) if store is not None else LocalShadowAggregates(),
-    )
-    shadow = ShadowMode(dispatcher, recorder, settings.shadow_sample_share, settings.shadow_max_concurrency)
-    limiter = build_tenant_limiter(settings, metrics, store)
-    service = CompletionService(
-        settings,
-        router,
-        dispatcher,
-        limiter,
-        metrics,
-        shadow,
-        PromptMeasure(settings.max_prompt_chars, settings.max_prompt_tokens, settings.tokenizer_dir),
-    )
-    parts = GatewayParts(settings, tenants, source, router, pool, service, metrics, shadow, recorder)
-    background: list[asyncio.Task] = []
-
-    async def reload_tenants_forever() -> None:
-        while True:
-            await asyncio.sleep(settings.tenants_reload_interval_s)
-            tenants.refresh()
-
-    async def on_startup() -> None:
-        if owns_source:
-            await call_blocking_or_async(getattr(source, "start", None))
-        await pool.start()
-        await limiter.start()
-        if shadow_metrics is not None:
-            shadow_metrics.start()
-        background.append(asyncio.create_task(reload_tenants_forever(), name="tenants-reload"))
-
-    async def on_shutdown() -> None:
-        for task in background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await shadow.stop()
-        await limiter.stop()
-        if store is not None:
-            await store.aclose()
-        if shadow_metrics is not None:
-            await asyncio.to_thread(shadow_metrics.stop)
-        await pool.stop()
-        if owns_source:
-            await call_blocking_or_async(getattr(source, "stop", None))
-
-    async def before_send(message: Message, scope: Scope) -> None:
-        # Every response, errors and streams included, carries the request id; request metrics
-        # are counted here so that errors raised anywhere are counted too.
-        if message["type"] != "http.response.start":
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                state = scope.get("state", {})
-                started = state.get("started")
-                if started is not None and "endpoint" in state:
-                    route = state.get("labels", ("", ""))[0]
-                    metrics.latency.labels(state["endpoint"], route).observe(time.perf_counter() - started)
-            return
-        state = scope.setdefault("state", {})
-        headers = message.setdefault("headers", [])
-        headers.append((b"x-request-id", request_id_of(scope).encode()))
-        path = scope.get("path", "")
-        if path.startswith("/v1/"):
-            endpoint = path if path in _API_PATHS else "other"  # scanners must not grow the label set
-            route, adapter = state.get("labels", ("", ""))
-            state["endpoint"] = endpoint
-            metrics.requests.labels(endpoint, str(message["status"]), route, adapter).inc()
-
-    async def before_request(request) -> None:
-        request_id_of(request.scope)
-
-    plugins, shutdown_hooks = [], [on_shutdown]
-    if tracing is not None:
-        plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=tracing, exclude=["/healthz", "/metrics"])))
-        if owns_tracing:
-            shutdown_hooks.append(tracing.shutdown)  # flushes the spans still batched
-
-    return Litestar(
-        route_handlers=[*openai_api.ROUTES, *health.ROUTES, admin.admin_router],
-        plugins=plugins,
-        dependencies={"parts": Provide(lambda: parts, use_cache=True, sync_to_thread=False)},
-        exception_handlers={Exception: openai_error_response},
-        before_request=before_request,
-        before_send=[before_send],
-        on_startup=[on_startup],
-        on_shutdown=shutdown_hooks,
-        request_max_body_size=settings.max_body_bytes,
-        state=State({"parts": parts}),
-        openapi_config=OpenAPIConfig(
-            title="loraplex gateway",
-            version="0.1.0",
-            description="OpenAI-compatible API over many LoRA adapters of one base model. Errors use OpenAI's shape "
-            '`{"error": {"message", "type", "param", "code"}}`; validation errors are 400.',
-        ),
-    )
+def create_apps(settings: GatewaySettings, **parts_overrides) -> GatewayApps:
+    """Both apps over one set of parts; `parts_overrides` go to `build_parts` (tests hand in parts)."""
+    parts = build_parts(settings, **parts_overrides)
+    return GatewayApps(parts, create_api_app(parts), create_admin_app(parts))
 
 
-def request_id_of(scope: Scope) -> str:
-    """The client's `x-request-id` when it is sane, else a fresh one; fixed for the request's life."""
-    state = scope.setdefault("state", {})
-    rid = state.get("request_id")
-    if rid is None:
-        incoming = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
-        rid = incoming if _CLIENT_REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        state["request_id"] = rid
-    return rid
+class ByPort:
+    """One ASGI app serving each port's app: the admin app on `admin_port`, the API app elsewhere.
+    Lifespan events go to the API app, which runs the parts both share."""
+
+    def __init__(self, api: ASGIApp, admin: ASGIApp, admin_port: int):
+        self.api, self.admin, self.admin_port = api, admin, admin_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        app = self.admin if scope["type"] != "lifespan" and server is not None and server[1] == self.admin_port else self.api
+        await app(scope, receive, send)

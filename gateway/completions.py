@@ -6,19 +6,31 @@ Plain async code; the Litestar routes only move HTTP in and out of it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from gateway import errors
+import msgspec
+
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult, ShardStream, StreamCut
-from gateway.errors import OpenAIError, bad_request
+from gateway.errors import OpenAIError, VersionRefused, bad_request
 from gateway.metrics import GatewayMetrics
-from gateway.openai_schema import ChatCompletionRequest, CompletionRequest
-from gateway.routing import RouteDecision, Router
+from gateway.openai_schema import (
+    ChatChoice,
+    ChatChunk,
+    ChatChunkChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+)
+from gateway.routing import VersionChoice, VersionRouter
 from gateway.settings import GatewaySettings
 from gateway.shadow import ShadowMode
 from gateway.tenant_limits import Lease, TenantLimiter
@@ -32,7 +44,7 @@ log = logging.getLogger(__name__)
 class PreparedRequest:
     kind: str  # "completion" | "chat"
     request_id: str
-    decision: RouteDecision
+    choice: VersionChoice
     job: GenerationJob
     stream: bool
     include_usage: bool
@@ -71,7 +83,7 @@ class CompletionService:
     def __init__(
         self,
         settings: GatewaySettings,
-        router: Router,
+        router: VersionRouter,
         dispatcher: Dispatcher,
         limiter: TenantLimiter,
         metrics: GatewayMetrics,
@@ -107,9 +119,9 @@ class CompletionService:
         if len(stop) > 4 or any(not s for s in stop):
             raise bad_request("'stop' takes up to 4 non-empty strings.", "stop")
         routed = self.router.resolve(body.model, tenant, body.user or session)
-        decision = self.last_good.substitute(routed)
-        if decision is not routed:
-            self.metrics.version_fallbacks.labels(decision.adapter).inc()
+        choice = self.last_good.substitute(routed)
+        if choice is not routed:
+            self.metrics.version_fallbacks.labels(choice.adapter).inc()
         prompt: str | None = None
         messages: tuple[tuple[str, str], ...] = ()
         if chat:
@@ -122,8 +134,8 @@ class CompletionService:
             prompt_tokens = self.prompt_measure.check(prompt, "prompt")
         job = GenerationJob(
             request_id=request_id,
-            adapter=decision.adapter,
-            version=decision.version,
+            adapter=choice.adapter,
+            version=choice.version,
             prompt=prompt,
             messages=messages,
             max_tokens=max_tokens,
@@ -135,7 +147,7 @@ class CompletionService:
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return PreparedRequest(
-            "chat" if chat else "completion", request_id, decision, job, body.stream, include_usage, prompt_tokens + max_tokens
+            "chat" if chat else "completion", request_id, choice, job, body.stream, include_usage, prompt_tokens + max_tokens
         )
 
     def _reject_unsupported(self, body: CompletionRequest | ChatCompletionRequest) -> None:
@@ -154,33 +166,36 @@ class CompletionService:
         elif body.tools:
             raise bad_request("tools are not supported.", "tools", "unsupported_parameter")
 
-    def response_headers(self, prepared: PreparedRequest, shard_id: str, adapter: str, version: str) -> dict[str, str]:
-        route = prepared.decision.route
-        return {
-            "x-loraplex-adapter": adapter or self.settings.base_model_id,
-            "x-loraplex-version": version,
-            "x-loraplex-route": route,
-            "x-loraplex-shard": shard_id,
+    def served_by(self, choice: VersionChoice, shard_id: str | None = None, adapter: str | None = None, version: str | None = None) -> dict[str, str]:
+        """The headers that say what served an answer (or, without a shard, what was chosen for it)."""
+        headers = {
+            "x-loraplex-adapter": (choice.adapter if adapter is None else adapter) or self.settings.base_model_id,
+            "x-loraplex-version": choice.version if version is None else version,
+            "x-loraplex-route": choice.assignment,
         }
+        if shard_id is not None:
+            headers["x-loraplex-shard"] = shard_id
+        return headers
 
     # answering -------------------------------------------------------------------------------
-    async def complete(self, prepared: PreparedRequest, tenant: Tenant) -> tuple[dict, dict[str, str]]:
+    async def complete(
+        self, prepared: PreparedRequest, tenant: Tenant
+    ) -> tuple[CompletionResponse | ChatCompletionResponse, dict[str, str]]:
         lease = await self.limiter.admit(tenant, prepared.reserve_tokens)
         tokens = 0
         primary = asyncio.get_running_loop().create_future()
         try:
             try:
-                result = await self.dispatcher.generate(prepared.job, prepared.decision.model)
-            except OpenAIError as error:
-                prepared = self._fall_back(prepared, error)
-                result = await self.dispatcher.generate(prepared.job, prepared.decision.model)
-            self.last_good.served(prepared.decision, result.version)
+                result = await self.dispatcher.generate(prepared.job, prepared.choice.model)
+            except VersionRefused as refused:
+                prepared = self._fall_back(prepared, refused)
+                result = await self.dispatcher.generate(prepared.job, prepared.choice.model)
+            self.last_good.served(prepared.choice, result.version)
             tokens = result.prompt_tokens + result.completion_tokens
             self._observe(prepared, result)
             primary.set_result(result)
             self._start_shadow(prepared, tenant, primary)
-            body = self._final_body(prepared, result)
-            return body, self.response_headers(prepared, result.shard_id, result.adapter, result.version)
+            return self._answer(prepared, result), self.served_by(prepared.choice, result.shard_id, result.adapter, result.version)
         finally:
             if not primary.done():
                 primary.cancel()
@@ -191,124 +206,113 @@ class CompletionService:
         lease = await self.limiter.admit(tenant, prepared.reserve_tokens)
         try:
             try:
-                stream = await self.dispatcher.open_stream(prepared.job, prepared.decision.model)
-            except OpenAIError as error:
-                prepared = self._fall_back(prepared, error)  # nothing was sent yet: safe to retry
-                stream = await self.dispatcher.open_stream(prepared.job, prepared.decision.model)
-            self.last_good.served(prepared.decision, stream.version)
+                stream = await self.dispatcher.open_stream(prepared.job, prepared.choice.model)
+            except VersionRefused as refused:
+                prepared = self._fall_back(prepared, refused)  # nothing was sent yet: safe to retry
+                stream = await self.dispatcher.open_stream(prepared.job, prepared.choice.model)
+            self.last_good.served(prepared.choice, stream.version)
         except BaseException:
             await self.limiter.release(lease, 0)
             raise
-        self.metrics.first_token.labels(prepared.decision.route).observe(stream.first_token_s)
+        self.metrics.first_token.labels(prepared.choice.assignment).observe(stream.first_token_s)
         primary = asyncio.get_running_loop().create_future()
         self._start_shadow(prepared, tenant, primary)
-        headers = self.response_headers(prepared, stream.shard_id, stream.adapter, stream.version)
+        headers = self.served_by(prepared.choice, stream.shard_id, stream.adapter, stream.version)
         return self._sse_events(prepared, lease, stream, primary), headers
 
     async def _sse_events(
         self, prepared: PreparedRequest, lease: Lease, stream: ShardStream, primary: asyncio.Future
     ) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        ident = _response_id(prepared)
+        chunks = _ChunkMaker(prepared, int(time.time()))
         try:
             if prepared.kind == "chat":
-                yield _sse(self._chunk(prepared, ident, created, {"role": "assistant", "content": ""}, None))
+                yield _sse(chunks.chat(ChatDelta(role="assistant", content=""), None))
             async for chunk in stream.chunks():
                 finish = stream.finish_reason if chunk.finish_reason else None
                 if chunk.text or finish:
-                    payload = {"content": chunk.text} if prepared.kind == "chat" else chunk.text
-                    if prepared.kind == "chat" and finish and not chunk.text:
-                        payload = {}
-                    yield _sse(self._chunk(prepared, ident, created, payload, finish))
+                    if prepared.kind == "chat":
+                        yield _sse(chunks.chat(ChatDelta(content=chunk.text) if chunk.text else ChatDelta(), finish))
+                    else:
+                        yield _sse(chunks.completion(chunk.text, finish))
             result = stream.result()
             self._observe(prepared, result)
             primary.set_result(result)
             if prepared.include_usage:
-                yield _sse(
-                    {
-                        "id": ident,
-                        "object": _chunk_object(prepared),
-                        "created": created,
-                        "model": prepared.decision.model,
-                        "choices": [],
-                        "usage": _usage(result),
-                    }
-                )
+                yield _sse(chunks.usage(_usage(result)))
             yield b"data: [DONE]\n\n"
         except StreamCut as exc:
             # Never a silent truncation: the client sees an error event and no [DONE].
             self.metrics.stream_cuts.inc()
-            error = errors.OpenAIError(502, f"The stream was cut: {exc}", "server_error", "stream_cut")
-            yield _sse(error.body())
+            yield _sse(OpenAIError(502, f"The stream was cut: {exc}", "server_error", "stream_cut").body())
         finally:
             if not primary.done():
                 primary.cancel()
             await stream.aclose()
             await self.limiter.release(lease, stream.prompt_tokens + stream.completion_tokens)
 
-    def _chunk(self, prepared: PreparedRequest, ident: str, created: int, payload, finish: str | None) -> dict:
+    def _answer(self, prepared: PreparedRequest, result: GenerationResult) -> CompletionResponse | ChatCompletionResponse:
+        ident, created, model, usage = _response_id(prepared), int(time.time()), prepared.choice.model, _usage(result)
         if prepared.kind == "chat":
-            choice = {"index": 0, "delta": payload, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"text": payload, "index": 0, "finish_reason": finish, "logprobs": None}
-        return {"id": ident, "object": _chunk_object(prepared), "created": created, "model": prepared.decision.model, "choices": [choice]}
-
-    def _final_body(self, prepared: PreparedRequest, result: GenerationResult) -> dict:
-        base = {"id": _response_id(prepared), "created": int(time.time()), "model": prepared.decision.model, "usage": _usage(result)}
-        if prepared.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason, "logprobs": None}
-            return {**base, "object": "chat.completion", "choices": [choice]}
-        choice = {"text": result.text, "index": 0, "finish_reason": result.finish_reason, "logprobs": None}
-        return {**base, "object": "text_completion", "choices": [choice]}
+            choice = ChatChoice(0, ChatMessageOut("assistant", result.text), result.finish_reason)
+            return ChatCompletionResponse(ident, "chat.completion", created, model, [choice], usage)
+        return CompletionResponse(ident, "text_completion", created, model, [CompletionChoice(result.text, 0, result.finish_reason)], usage)
 
     def _observe(self, prepared: PreparedRequest, result: GenerationResult) -> None:
-        adapter = prepared.decision.adapter or self.settings.base_model_id
+        adapter = prepared.choice.adapter or self.settings.base_model_id
         self.metrics.tokens.labels("prompt", adapter).inc(result.prompt_tokens)
         self.metrics.tokens.labels("completion", adapter).inc(result.completion_tokens)
         if prepared.stream is False:
-            self.metrics.first_token.labels(prepared.decision.route).observe(result.first_token_s)
+            self.metrics.first_token.labels(prepared.choice.assignment).observe(result.first_token_s)
 
-    def _fall_back(self, prepared: PreparedRequest, error: OpenAIError) -> PreparedRequest:
-        """The request re-aimed at the adapter's last good version, or `error` raised again."""
-        if error.code != errors.ADAPTER_REFUSED:
-            raise error
-        fallback = self.last_good.after_refusal(prepared.decision)
+    def _fall_back(self, prepared: PreparedRequest, refused: VersionRefused) -> PreparedRequest:
+        """The request re-aimed at the adapter's last good version, or `refused` raised again."""
+        fallback = self.last_good.after_refusal(prepared.choice)
         if fallback is None:
-            raise error
+            raise refused
         log.warning(
             "%s@%s refused by the shards (%s); serving the last good version %s",
-            prepared.decision.adapter, prepared.decision.version, error.message, fallback.version,
+            prepared.choice.adapter, prepared.choice.version, refused.details, fallback.version,
         )
-        self.metrics.version_fallbacks.labels(prepared.decision.adapter).inc()
-        return replace(prepared, decision=fallback, job=replace(prepared.job, version=fallback.version))
+        self.metrics.version_fallbacks.labels(prepared.choice.adapter).inc()
+        return replace(prepared, choice=fallback, job=replace(prepared.job, version=fallback.version))
 
     def _start_shadow(self, prepared: PreparedRequest, tenant: Tenant, primary: asyncio.Future) -> None:
-        if self.shadow is not None and prepared.decision.shadow_version:
-            self.shadow.maybe_start(prepared.job, prepared.decision.shadow_version, tenant.name, primary)
+        if self.shadow is not None and prepared.choice.shadow_version:
+            self.shadow.maybe_start(prepared.job, prepared.choice.shadow_version, tenant.name, primary)
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
+class _ChunkMaker:
+    """The events of one stream: every chunk shares the answer's id, creation time and model."""
+
+    def __init__(self, prepared: PreparedRequest, created: int):
+        self.ident, self.created, self.model = _response_id(prepared), created, prepared.choice.model
+        self.is_chat = prepared.kind == "chat"
+
+    def completion(self, text: str, finish: str | None) -> CompletionChunk:
+        return CompletionChunk(self.ident, "text_completion", self.created, self.model, [CompletionChoice(text, 0, finish)])
+
+    def chat(self, delta: ChatDelta, finish: str | None) -> ChatChunk:
+        return ChatChunk(self.ident, "chat.completion.chunk", self.created, self.model, [ChatChunkChoice(0, delta, finish)])
+
+    def usage(self, usage: Usage) -> CompletionChunk | ChatChunk:
+        if self.is_chat:
+            return ChatChunk(self.ident, "chat.completion.chunk", self.created, self.model, [], usage)
+        return CompletionChunk(self.ident, "text_completion", self.created, self.model, [], usage)
 
 
 def _response_id(prepared: PreparedRequest) -> str:
     return ("chatcmpl-" if prepared.kind == "chat" else "cmpl-") + prepared.request_id
 
 
-def _chunk_object(prepared: PreparedRequest) -> str:
-    return "chat.completion.chunk" if prepared.kind == "chat" else "text_completion"
+def _usage(result: GenerationResult) -> Usage:
+    return Usage(result.prompt_tokens, result.completion_tokens, result.prompt_tokens + result.completion_tokens)
 
 
-def _usage(result: GenerationResult) -> dict:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-    }
+_ENCODER = msgspec.json.Encoder()
 
 
-def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+def _sse(event: msgspec.Struct | dict) -> bytes:
+    return b"data: " + _ENCODER.encode(event) + b"\n\n"
 
 
 def _role(role: str) -> str:
@@ -334,4 +338,4 @@ def _single_prompt(prompts: list[str]) -> str:
     return prompts[0]
 
 
-__all__ = ["CompletionService", "OpenAIError", "PreparedRequest", "PromptMeasure", "new_request_id"]
+__all__ = ["CompletionService", "PreparedRequest", "PromptMeasure"]

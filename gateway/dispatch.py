@@ -5,6 +5,7 @@
   the client's to see (the HTTP layer ends the stream with an error event).
 - Non-streaming: nothing reaches the client before the end, so a failure anywhere in the call is
   retried on the next shard in ring order.
+Failures are typed (`gateway.errors.ShardError`): a refused version is a `VersionRefused`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway import errors
-from gateway.errors import OpenAIError
+from gateway.errors import NoShardAvailable, ShardCallFailed
 from gateway.shards import ShardPool
 from protos import shard_pb2
 
@@ -187,10 +188,10 @@ class Dispatcher:
         RESOURCE_EXHAUSTED (a full queue) moves on without using it up."""
         candidates = self.pool.candidates(job.placement_key)
         if not candidates:
-            raise errors.no_shard_available()
+            raise NoShardAvailable()
         failures_allowed = 2 if allow_retry else 1
         failures = 0
-        last_error: OpenAIError | None = None
+        last_error: ShardCallFailed | None = None
         for shard_id in candidates:
             state = self.pool.get(shard_id)
             if state is None or not state.healthy:
@@ -201,20 +202,20 @@ class Dispatcher:
                 code, details = exc.code(), exc.details() or ""
             except StreamCut as exc:
                 code, details = exc.code, str(exc)
-            last_error = self._attempt_failed(shard_id, code, details, model)
+            last_error = self._attempt_failed(shard_id, code, details, model, job)
             if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 failures += 1
                 if failures >= failures_allowed:
                     break
-        raise last_error or errors.no_shard_available()
+        raise last_error or NoShardAvailable()
 
-    def _attempt_failed(self, shard_id: str, code: grpc.StatusCode, details: str, model: str) -> OpenAIError:
+    def _attempt_failed(self, shard_id: str, code: grpc.StatusCode, details: str, model: str, job: GenerationJob) -> ShardCallFailed:
         """The error to report if no other shard succeeds; raises at once for non-retryable codes."""
         if self._on_attempt_failed:
             self._on_attempt_failed(shard_id, code)
         if code in errors.SHARD_DOWN_CODES:
             self.pool.mark_down(shard_id, f"Generate: {code.name} {details}".strip())
-        error = errors.from_grpc(code, details, model)
+        error = errors.shard_call_failed(code, details, model, job.adapter, job.version)
         if code not in errors.RETRYABLE_CODES:
             raise error
         return error

@@ -1,13 +1,16 @@
-"""Errors in OpenAI's shape, and how shard (gRPC) status codes become HTTP statuses.
+"""Errors in OpenAI's shape; the typed failures of shard calls; and how those become HTTP statuses.
 
-Choices (documented in the OpenAPI schema too):
+The dispatcher raises `ShardError`s (`ShardCallFailed`, its `VersionRefused`, `NoShardAvailable`);
+only the HTTP edge turns them into `OpenAIError`s (`to_openai`). Choices (documented in the OpenAPI
+schema too):
 - request validation errors answer 400 `invalid_request_error` (OpenAI does the same; 422 unused);
 - a granted adapter with no `champion` in the registry, or a pinned version the registry does
   not know, answers 404 `model_not_found` - the tenant is granted the name, so existence is no secret;
-- FAILED_PRECONDITION (the shard refused the adapter version: corrupt, wrong base) answers 503
-  `adapter_unavailable`: the caller did nothing wrong and a promotion fixes it. For the champion
-  and canary routes the gateway first falls back to the adapter's last good version
-  (gateway/version_fallback.py), so a broken promotion does not take over; pinned requests see the 503.
+- FAILED_PRECONDITION (the shard refused the adapter version: corrupt, wrong base) is a
+  `VersionRefused` and answers 503 `adapter_unavailable`: the caller did nothing wrong and a
+  promotion fixes it. For champion and canary assignments the completion service first falls
+  back to the adapter's last good version (gateway/version_fallback.py), so a broken promotion
+  does not take over; pinned requests see the 503.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
+
+from gateway.openai_schema import ErrorBody, ErrorDetail
 
 
 @dataclass
@@ -29,8 +34,8 @@ class OpenAIError(Exception):
     def __str__(self) -> str:
         return f"{self.status} {self.code or self.type}: {self.message}"
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self) -> ErrorBody:
+        return ErrorBody(ErrorDetail(self.message, self.type, self.param, self.code))
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_request") -> OpenAIError:
@@ -70,6 +75,39 @@ def no_shard_available(message: str = "No healthy shard can take this request no
     return OpenAIError(503, message, "server_error", "no_healthy_shard", headers={"retry-after": _seconds(retry_after_s)})
 
 
+class ShardError(Exception):
+    """A generation no shard could serve."""
+
+
+class NoShardAvailable(ShardError):
+    """No healthy shard is in the ring."""
+
+
+class ShardCallFailed(ShardError):
+    """A shard call's final (not retried) failure, with the shard's gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, model: str):
+        super().__init__(f"{code.name}: {details}" if details else code.name)
+        self.code = code
+        self.details = details
+        self.model = model
+
+
+class VersionRefused(ShardCallFailed):
+    """The shards refused the adapter version itself (FAILED_PRECONDITION: corrupt, wrong base model)."""
+
+    def __init__(self, details: str, model: str, adapter: str, version: str):
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, details, model)
+        self.adapter = adapter
+        self.version = version
+
+
+def shard_call_failed(code: grpc.StatusCode, details: str, model: str, adapter: str, version: str) -> ShardCallFailed:
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return VersionRefused(details, model, adapter, version)
+    return ShardCallFailed(code, details, model)
+
+
 def _seconds(value: float) -> str:
     return str(max(1, int(-(-value // 1))))
 
@@ -88,11 +126,6 @@ RETRYABLE_CODES = frozenset(
 SHARD_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
-# The code of the error for a version the shards refused (FAILED_PRECONDITION): the gateway falls
-# back to the adapter's last good version on it (gateway/version_fallback.py).
-ADAPTER_REFUSED = "adapter_unavailable"
-
-
 def from_grpc(code: grpc.StatusCode, details: str, model: str) -> OpenAIError:
     """The HTTP error a client sees for a shard's final (not retried) gRPC failure."""
     details = details or code.name
@@ -101,9 +134,20 @@ def from_grpc(code: grpc.StatusCode, details: str, model: str) -> OpenAIError:
     if code == grpc.StatusCode.NOT_FOUND:
         return model_not_found(model, details)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return OpenAIError(503, f"The model '{model}' cannot be served: {details}", "server_error", ADAPTER_REFUSED, "model", {"retry-after": "5"})
+        return OpenAIError(503, f"The model '{model}' cannot be served: {details}", "server_error", "adapter_unavailable", "model", {"retry-after": "5"})
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return no_shard_available("Every shard that could take this request is at capacity.", 1.0)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return OpenAIError(504, "The shard did not answer within the request timeout.", "server_error", "timeout")
     return no_shard_available(f"Shard call failed: {details}", 1.0)
+
+
+def to_openai(error: Exception) -> OpenAIError | None:
+    """The client's view of an error the gateway's core raised; None for one it does not know."""
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, ShardCallFailed):
+        return from_grpc(error.code, error.details, error.model)
+    if isinstance(error, NoShardAvailable):
+        return no_shard_available()
+    return None

@@ -4,6 +4,9 @@ With several worker processes (gateway/workers.py) a scrape reaches one of them,
 writes its values to files in `PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode,
 chosen when that variable is set before the worker starts) and `exposition()` merges all workers':
 counters and histograms add up, each gauge as its `multiprocess_mode` says.
+
+`assignment` is how a request's version was chosen: champion, canary, pinned or base (the
+`x-loraplex-route` response header).
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "loraplex_gateway_requests", "HTTP requests answered", ["endpoint", "status", "route", "adapter"], registry=r
+            "loraplex_gateway_requests", "HTTP requests answered", ["endpoint", "status", "assignment", "adapter"], registry=r
         )
         self.latency = Histogram(
-            "loraplex_gateway_request_seconds", "Time to the end of the answer", ["endpoint", "route"], buckets=LATENCY_BUCKETS, registry=r
+            "loraplex_gateway_request_seconds", "Time to the end of the answer", ["endpoint", "assignment"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.first_token = Histogram(
-            "loraplex_gateway_first_token_seconds", "Time until the first text arrived from a shard", ["route"], buckets=LATENCY_BUCKETS, registry=r
+            "loraplex_gateway_first_token_seconds", "Time until the first text arrived from a shard", ["assignment"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.tokens = Counter("loraplex_gateway_tokens", "Tokens served", ["kind", "adapter"], registry=r)
         self.shard_healthy = Gauge("loraplex_gateway_shard_healthy", "1 when the shard is in the ring", ["shard"], multiprocess_mode="livemin", registry=r)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta, Struct
 
 # Litestar 2.25 drops a zero lower bound from the OpenAPI schema (it tests the bound for truth),
@@ -129,5 +128,35 @@ class ModelList(Struct):
     data: list[ModelCard]
 
 
-def to_builtins(value: Any) -> Any:
-    return msgspec.to_builtins(value)
+class ChatDelta(Struct, omit_defaults=True):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionChunk(Struct, omit_defaults=True):
+    """One event of a streamed completion; the last one before `[DONE]` may carry only usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatChunk(Struct, omit_defaults=True):
+    """One event of a streamed chat completion; the last one before `[DONE]` may carry only usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None

@@ -1,4 +1,4 @@
-"""Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018), keyed by adapter@version.
+"""Consistent hashing with bounded loads, keyed by adapter@version.
 
 Each shard owns `virtual_nodes` points on a 64-bit ring. A key goes to the first shard clockwise
 from its hash whose load is below ceil((1+eps) * mean load) - so an adapter version keeps hitting the

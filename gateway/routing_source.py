@@ -1,59 +1,78 @@
-"""A routing table fixed at start-up, for running without MLflow (settings `static_routes`).
-
-Duck-type compatible with `registry.RoutingTableWatcher` (`current()`, `is_stale`,
-`last_success_unix`) and its `RoutingTable` / `AdapterRoute`, which the gateway reads only by
-attribute: `table.adapters[name].champion|canary|shadow|canary_percent|tenants`.
-"""
+"""Where the gateway's routing table comes from: `registry.RoutingTableWatcher` (MLflow), or a
+table fixed at start-up (settings `static_routes`) when running without MLflow."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from loraplex.routing_table import AdapterRoute, RoutingTable
+
+_STATIC_ROUTE_KEYS = frozenset({"champion", "canary", "shadow", "canary_percent", "tenants"})
 
 
-@dataclass(frozen=True)
-class StaticAdapterRoute:
-    name: str
-    champion: str | None
-    canary: str | None = None
-    shadow: str | None = None
-    canary_percent: float = 0.0
-    tenants: tuple[str, ...] = ()
+class RoutingSource(Protocol):
+    """What the gateway needs of a routing table's source; `start`, `stop` and `poll_now` may block."""
 
+    @property
+    def is_stale(self) -> bool: ...
 
-@dataclass(frozen=True)
-class StaticRoutingTable:
-    adapters: Mapping[str, StaticAdapterRoute] = field(default_factory=dict)
+    @property
+    def has_table(self) -> bool: ...
+
+    last_success_unix: float | None
+
+    def current(self) -> RoutingTable: ...
+
+    def poll_now(self) -> bool: ...
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
 
 
 class StaticRoutingSource:
     is_stale = False
+    has_table = True
 
-    def __init__(self, table: StaticRoutingTable):
+    def __init__(self, table: RoutingTable):
         self._table = table
         self.last_success_unix = time.time()
 
     @classmethod
     def from_mapping(cls, routes: Mapping[str, Any]) -> StaticRoutingSource:
+        """`{adapter: {champion, canary, shadow, canary_percent, tenants}}`; `{adapter: "3"}` = champion 3."""
         adapters = {}
         for name, spec in routes.items():
-            if isinstance(spec, str):  # shorthand: {legal: "3"} = champion 3
+            if isinstance(spec, str):
                 spec = {"champion": spec}
-            if not isinstance(spec, Mapping) or set(spec) - {"champion", "canary", "shadow", "canary_percent", "tenants"}:
-                raise ValueError(f"static route {name!r}: takes champion, canary, shadow, canary_percent, tenants")
+            if not isinstance(spec, Mapping) or set(spec) - _STATIC_ROUTE_KEYS:
+                raise ValueError(f"static route {name!r}: takes {', '.join(sorted(_STATIC_ROUTE_KEYS))}")
             opt = lambda k: None if spec.get(k) in (None, "") else str(spec[k])  # noqa: E731
             percent = float(spec.get("canary_percent") or 0.0)
             if not 0.0 <= percent <= 100.0:
                 raise ValueError(f"static route {name!r}: canary_percent must be within 0..100")
-            adapters[name] = StaticAdapterRoute(
-                name, opt("champion"), opt("canary"), opt("shadow"), percent, tuple(spec.get("tenants") or ())
+            tenants = spec.get("tenants")
+            adapters[name] = AdapterRoute(
+                name, opt("champion"), opt("canary"), opt("shadow"), percent, None if tenants is None else frozenset(tenants)
             )
-        return cls(StaticRoutingTable(adapters))
+        return cls(RoutingTable(adapters, time.time()))
 
-    def current(self) -> StaticRoutingTable:
+    def current(self) -> RoutingTable:
         return self._table
 
-    def reload(self) -> None:
+    def replace(self, table: RoutingTable) -> None:
+        """A new table in force (a test's promotion; the registry's watcher does this by polling)."""
+        self._table = table
         self.last_success_unix = time.time()
+
+    def poll_now(self) -> bool:
+        self.last_success_unix = time.time()
+        return True
+
+    def start(self) -> StaticRoutingSource:
+        return self
+
+    def stop(self) -> None:
+        pass

@@ -21,7 +21,8 @@ class GatewaySettings(LayeredSettings):
     SECTION: ClassVar[str] = "gateway"
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8000  # the public API and health
+    admin_port: int = 8001  # Prometheus /metrics, /admin/* and health; keep it off the public network
     # Shards: a static list of host:port, or a DNS name whose A records are re-resolved
     # (a Kubernetes headless service) - `shard_dns` wins when set.
     shard_addresses: tuple[str, ...] = ()
@@ -79,8 +80,11 @@ class GatewaySettings(LayeredSettings):
 
 
     def validate(self) -> None:
-        if not (0 < self.port < 65536) and self.port != 0:
-            raise SettingsError(f"port must be 0..65535, got {self.port}")
+        for name in ("port", "admin_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise SettingsError(f"{name} must be 0..65535, got {getattr(self, name)}")
+        if self.port == self.admin_port != 0:
+            raise SettingsError(f"admin_port must differ from port ({self.port})")
         if not 0.0 <= self.shadow_sample_share <= 1.0:
             raise SettingsError("shadow_sample_share must be within [0, 1]")
         for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every"):

@@ -21,7 +21,7 @@ from pathlib import Path
 from redis.exceptions import RedisError
 
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult
-from gateway.errors import OpenAIError
+from gateway.errors import ShardError
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,6 @@ class ShadowMode:
         self._tasks: set[asyncio.Task] = set()
         self.started = 0
         self.dropped = 0
-        self.failed = 0
 
     @property
     def running(self) -> int:
@@ -232,12 +231,10 @@ class ShadowMode:
         try:
             shadow = await self.dispatcher.generate(shadow_job, f"{job.adapter}@{shadow_job.version}", allow_retry=False)
             first = await asyncio.wait_for(asyncio.shield(primary), self.primary_wait_s)
-        except (OpenAIError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            self.failed += 1
+        except (ShardError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
             log.info("shadow copy of %s dropped: %s", job.request_id, exc)
             return
         except Exception:
-            self.failed += 1
             log.exception("shadow copy of %s failed", job.request_id)
             return
         exact, agreement = compare_outputs(first.token_ids, shadow.token_ids, first.text, shadow.text)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from loraplex.routing_table import AdapterRoute, may_use
+
 log = logging.getLogger(__name__)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -45,8 +47,8 @@ class Tenant:
     default_adapter: str | None
     limits: TenantLimits
 
-    def is_granted(self, model_name: str) -> bool:
-        return "*" in self.adapters or model_name in self.adapters
+    def may_use(self, model_name: str, route: AdapterRoute | None = None) -> bool:
+        return may_use(self.name, self.adapters, model_name, route)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Keeps the last good version serving when the shards refuse a newly promoted one.
 
-Issue 4: a corrupt version (sha256 mismatch, shapes that do not fit the base model) promoted to
+A corrupt version (sha256 mismatch, shapes that do not fit the base model) promoted to
 `champion` must not take over; the version that served before keeps answering. The shard refuses
-such a version with FAILED_PRECONDITION; the gateway then
-- answers the request with the adapter's last version that served on the champion route, and
+such a version with FAILED_PRECONDITION (the dispatcher's `VersionRefused`); the gateway then
+- answers the request with the adapter's last version that served as champion, and
 - remembers the refusal for `retry_refused_s`, routing straight to that version meanwhile (no
   doomed download on every request), then tries the promoted version again (its artifacts may
   have been repaired).
@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from gateway.routing import RouteDecision
+from gateway.routing import VersionChoice
 
-FALLBACK_ROUTES = frozenset({"champion", "canary"})
+FALLBACK_ASSIGNMENTS = frozenset({"champion", "canary"})
 
 
 class LastGoodVersions:
@@ -34,20 +34,20 @@ class LastGoodVersions:
         self._lock = threading.Lock()
         self.fallbacks = 0
 
-    def served(self, decision: RouteDecision, version: str) -> None:
-        """A champion-route answer came back from `version`: it is the one to fall back to."""
-        if decision.route == "champion" and decision.adapter and version:
+    def served(self, choice: VersionChoice, version: str) -> None:
+        """A champion answer came back from `version`: it is the one to fall back to."""
+        if choice.assignment == "champion" and choice.adapter and version:
             with self._lock:
-                self._last_good[decision.adapter] = version
-                self._refused_until.pop((decision.adapter, version), None)
+                self._last_good[choice.adapter] = version
+                self._refused_until.pop((choice.adapter, version), None)
 
     def last_good(self, adapter: str) -> str | None:
         with self._lock:
             return self._last_good.get(adapter)
 
-    def refused(self, decision: RouteDecision) -> None:
+    def refused(self, choice: VersionChoice) -> None:
         with self._lock:
-            self._refused_until[(decision.adapter, decision.version)] = self._clock() + self.retry_refused_s
+            self._refused_until[(choice.adapter, choice.version)] = self._clock() + self.retry_refused_s
 
     def is_refused(self, adapter: str, version: str) -> bool:
         with self._lock:
@@ -59,33 +59,33 @@ class LastGoodVersions:
                 return False
             return True
 
-    def fallback_for(self, decision: RouteDecision) -> RouteDecision | None:
-        """The decision to use instead of one whose version was refused, or None when there is none."""
-        if decision.route not in FALLBACK_ROUTES or not decision.adapter:
+    def fallback_for(self, choice: VersionChoice) -> VersionChoice | None:
+        """The choice to use instead of one whose version was refused, or None when there is none."""
+        if choice.assignment not in FALLBACK_ASSIGNMENTS or not choice.adapter:
             return None
-        good = self.last_good(decision.adapter)
-        if good is None or good == decision.version:
+        good = self.last_good(choice.adapter)
+        if good is None or good == choice.version:
             return None
-        return replace(decision, version=good, route="champion")
+        return replace(choice, version=good, assignment="champion")
 
-    def after_refusal(self, decision: RouteDecision) -> RouteDecision | None:
-        """Records that the shards refused `decision`'s version; the decision to retry with, if any."""
-        self.refused(decision)
-        fallback = self.fallback_for(decision)
+    def after_refusal(self, choice: VersionChoice) -> VersionChoice | None:
+        """Records that the shards refused `choice`'s version; the choice to retry with, if any."""
+        self.refused(choice)
+        fallback = self.fallback_for(choice)
         if fallback is not None:
             with self._lock:
                 self.fallbacks += 1
         return fallback
 
-    def substitute(self, decision: RouteDecision) -> RouteDecision:
+    def substitute(self, choice: VersionChoice) -> VersionChoice:
         """Skips a recently refused version up front when a good one is known."""
-        if decision.route in FALLBACK_ROUTES and self.is_refused(decision.adapter, decision.version):
-            fallback = self.fallback_for(decision)
+        if choice.assignment in FALLBACK_ASSIGNMENTS and self.is_refused(choice.adapter, choice.version):
+            fallback = self.fallback_for(choice)
             if fallback is not None:
                 with self._lock:
                     self.fallbacks += 1
                 return fallback
-        return decision
+        return choice
 
     def snapshot(self) -> dict:
         now = self._clock()

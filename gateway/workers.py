@@ -13,21 +13,20 @@ import socket
 import tempfile
 
 import uvicorn
-from litestar import Litestar
 from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
-from gateway.app import create_app
+from gateway.app import ByPort, create_apps
 from gateway.metrics import MULTIPROCESS_DIR_ENV
 from gateway.settings import GatewaySettings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def worker_app(settings: GatewaySettings, log_level: str) -> Litestar:
-    """The app of one worker process (uvicorn calls it in the worker: `factory=True`)."""
+def worker_app(settings: GatewaySettings, log_level: str) -> ByPort:
+    """The apps of one worker process, on both ports (uvicorn calls it in the worker: `factory=True`)."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
-    return create_app(settings)
+    return create_apps(settings).by_port()
 
 
 class GatewayWorkers(Multiprocess):

@@ -34,6 +34,7 @@ def run_up(args: argparse.Namespace) -> int:
             state_dir=Path(args.state_dir),
             num_shards=args.shards,
             gateway_port=args.port,
+            gateway_admin_port=args.admin_port,
             mlflow_port=args.mlflow_port,
             quantization=args.quantization,
             always_free_ports=args.free_ports,
@@ -64,6 +65,7 @@ def run_up(args: argparse.Namespace) -> int:
     print(
         f"\nloraplex is up in {stack.timings_s['total']:.1f}s\n"
         f"  gateway   {running.gateway_url}   (OpenAPI: {running.gateway_url}/schema)\n"
+        f"  admin     {running.gateway_admin_url}   (metrics: {running.gateway_admin_url}/metrics, admin API: /admin/…)\n"
         f"  MLflow    {running.mlflow_url}   (move the 'champion' alias to promote a version)\n"
         f"  shards    {', '.join(f'{k}={v}' for k, v in running.shard_addresses.items())}\n"
         f"  metrics   {', '.join(f'{k}={v}' for k, v in running.shard_metrics_urls.items())}\n"
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", default=".state", help="where MLflow data, keys and logs live")
     up.add_argument("--shards", type=int, default=2)
     up.add_argument("--port", type=int, default=8000, help="gateway port (a free one if taken)")
+    up.add_argument("--admin-port", type=int, default=8001, help="gateway admin port: metrics, admin API (a free one if taken)")
     up.add_argument("--mlflow-port", type=int, default=5000)
     up.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
     up.add_argument("--free-ports", action="store_true", help="pick free ports for everything")

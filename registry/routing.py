@@ -7,41 +7,17 @@ so a poll of the whole registry is one REST call per 1,000 adapters.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+
+from loraplex.routing_table import CANARY, CHAMPION, ROUTING_ALIASES, SHADOW, AdapterRoute, RoutingTable
+
+__all__ = ["CANARY", "CHAMPION", "ROUTING_ALIASES", "SHADOW", "AdapterRoute", "RoutingTable", "route_from_registered_model"]
 
 logger = logging.getLogger(__name__)
-
-CHAMPION, CANARY, SHADOW = "champion", "canary", "shadow"
-ROUTING_ALIASES = (CHAMPION, CANARY, SHADOW)
 
 TAG_ADAPTER = "loraplex.adapter"
 TAG_CANARY_PERCENT = "loraplex.canary_percent"
 TAG_TENANTS = "loraplex.tenants"
 TAG_CHAMPION_HISTORY = "loraplex.champion_history"
-
-
-@dataclass(frozen=True)
-class AdapterRoute:
-    name: str
-    champion: str | None
-    canary: str | None
-    shadow: str | None
-    canary_percent: float
-    # None: the tag is absent and the tenants file alone decides; otherwise only these tenants.
-    tenants: frozenset[str] | None
-
-
-@dataclass(frozen=True)
-class RoutingTable:
-    adapters: dict[str, AdapterRoute] = field(default_factory=dict)
-    # When the table was read from MLflow (unix seconds); None for the empty table before any read.
-    fetched_unix: float | None = None
-
-    def route(self, name: str) -> AdapterRoute | None:
-        return self.adapters.get(name)
-
-    def same_routes(self, other: "RoutingTable") -> bool:
-        return self.adapters == other.adapters
 
 
 def parse_canary_percent(raw: str | None) -> float | None:

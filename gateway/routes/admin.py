@@ -1,24 +1,25 @@
-"""Admin API (admin key): shards and the ring, adapters on shards, routing reload, shadow comparisons."""
+"""The admin port: Prometheus metrics, and the admin API (admin key): shards and the ring, adapters on
+shards, routing reload, shadow comparisons."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict
 from typing import Annotated
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from litestar import Router, get, post
+from litestar import Response, Router, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 from msgspec import Meta, Struct
 
 from gateway import errors
-from gateway.app_lifecycle import call_blocking_or_async
 from gateway.errors import OpenAIError, bad_request
-from gateway.routes.auth import require_admin
+from gateway.parts import GatewayParts, Parts
+from gateway.routes.authentication import EXCLUDE_FROM_AUTH
 from gateway.routes.operation_docs import DocumentedOperation
-from gateway.routes.responses import ADMIN_ERRORS
-from gateway.state import GatewayParts, Parts
+from gateway.routes.responses import ADMIN_ERRORS, error_responses
 from protos import shard_pb2
 
 ADMIN_TIMEOUT_S = 60.0
@@ -36,10 +37,10 @@ class AdapterAction(Struct, kw_only=True):
 def _targets(parts: GatewayParts, action: AdapterAction) -> tuple[str, list[str]]:
     version = action.version
     if not version:
-        route = parts.router.known_adapters().get(action.adapter)
+        route = parts.routing_source.current().route(action.adapter)
         if route is None or not route.champion:
             raise errors.model_not_found(action.adapter, "no version given and no champion in the routing table")
-        version = str(route.champion)
+        version = route.champion
     if action.shards:
         unknown = [s for s in action.shards if parts.pool.get(s) is None]
         if unknown:
@@ -66,12 +67,10 @@ async def _on_shards(parts: GatewayParts, shards: list[str], call) -> dict:
 async def list_shards(parts: Parts) -> dict:
     ring = parts.pool.ring
     placement = {}
-    for name, route in parts.router.known_adapters().items():
-        for alias in ("champion", "canary", "shadow"):
-            version = getattr(route, alias, None)
-            if version:
-                key = f"{name}@{version}"
-                placement[key] = ring.ring_order(key)
+    for name, route in parts.routing_source.current().adapters.items():
+        for version in route.alias_versions().values():
+            key = f"{name}@{version}"
+            placement[key] = ring.ring_order(key)
     return {
         "shards": [s.describe() for s in parts.pool.all()],
         "ring": {"members": ring.shards, "virtual_nodes": ring.virtual_nodes, "epsilon": ring.epsilon, "hot_inflight": ring.hot_inflight},
@@ -131,21 +130,11 @@ async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
 @post("/routing/reload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Re-read the routing table and the tenants file now")
 async def reload_routing(parts: Parts) -> dict:
     source = parts.routing_source
-    for name in ("poll_now", "reload"):
-        method = getattr(source, name, None)
-        if callable(method):
-            await call_blocking_or_async(method)
-            break
+    await asyncio.to_thread(source.poll_now)
     tenants_reloaded = parts.tenants.refresh()
-    table = source.current()
     adapters = {
-        name: {
-            "champion": r.champion,
-            "canary": getattr(r, "canary", None),
-            "shadow": getattr(r, "shadow", None),
-            "canary_percent": getattr(r, "canary_percent", 0.0),
-        }
-        for name, r in (table.adapters.items() if table is not None else ())
+        name: {"champion": r.champion, "canary": r.canary, "shadow": r.shadow, "canary_percent": r.canary_percent}
+        for name, r in source.current().adapters.items()
     }
     return {"adapters": adapters, "stale": bool(source.is_stale), "tenants_reloaded": tenants_reloaded, "tenants_error": parts.tenants.last_error}
 
@@ -162,9 +151,31 @@ async def shadow_pairs(adapter: FromQuery[str], parts: Parts) -> dict:
     }
 
 
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    media_type="text/plain; version=0.0.4",
+    responses=error_responses(405),
+    operation_class=DocumentedOperation,
+    opt={EXCLUDE_FROM_AUTH: True},
+)
+async def metrics(parts: Parts) -> Response:
+    m = parts.metrics
+    source = parts.routing_source
+    m.routing_stale.set(1 if source.is_stale else 0)
+    if source.last_success_unix:
+        m.routing_age.set(time.time() - source.last_success_unix)
+    for shard in parts.pool.all():
+        m.shard_healthy.labels(shard.shard_id).set(1 if shard.healthy else 0)
+        m.shard_in_flight.labels(shard.shard_id).set(shard.in_flight)
+    m.shadow_pairs.set(parts.shadow.started)
+    m.shadow_dropped.set(parts.shadow.dropped)
+    return Response(m.exposition(), media_type="text/plain; version=0.0.4")
+
+
 admin_router = Router(
     path="/admin",
-    guards=[require_admin],
     tags=["admin"],
     route_handlers=[list_shards, shard_adapters, load_adapter, unload_adapter, pin_adapter, reload_routing, shadow_pairs],
 )
+ROUTES = [metrics, admin_router]

@@ -30,12 +30,12 @@ def _string_header(description: str) -> OpenAPIHeader:
     return OpenAPIHeader(schema=Schema(type=OpenAPIType.STRING), description=description, required=True)
 
 
-# DESIGN.md: 429 and 503 tell the client when to come back.
+# 429 and 503 tell the client when to come back.
 _RETRY_AFTER = OpenAPIHeader(
     schema=Schema(type=OpenAPIType.INTEGER, minimum=1), description="Seconds to wait before retrying", required=True
 )
 RETRY_AFTER_STATUSES = ("429", "503")
-# Every answer, errors included, carries the request id (gateway/app.py `before_send`).
+# Every answer, errors included, carries the request id (gateway/routes/telemetry.py).
 _REQUEST_ID = _string_header("The client's x-request-id when it is sane (`[A-Za-z0-9._:-]{1,128}`), else a fresh id")
 REQUEST_ID_PARAMETER = Parameter(
     name="x-request-id",
@@ -87,7 +87,7 @@ class StreamingOperation(DocumentedOperation):
         add_parameter(self, SESSION_PARAMETER)
 
 
-# DESIGN.md: every answer says what served it.
+# Every answer says what served it.
 SERVED_BY_HEADERS = {
     "x-loraplex-adapter": _string_header("The adapter, or the base model id"),
     "x-loraplex-version": _string_header("The adapter version; empty for the base model"),

@@ -1,16 +1,19 @@
-"""OpenAPI descriptions of every error status a route can answer, and the error-to-response mapping."""
+"""OpenAPI descriptions of every error status a route can answer, and the error-to-response mapping:
+the one place where the core's errors become HTTP answers."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from gateway.errors import OpenAIError
+from gateway.errors import OpenAIError, to_openai
 from gateway.openai_schema import ErrorBody
+from gateway.routes.telemetry import request_id_header
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +42,36 @@ AUTH_ERRORS = error_responses(401, 405, 500)
 ADMIN_ERRORS = error_responses(400, 401, 403, 404, 405, 413, 500, 502, 503, 504)
 
 
+def with_served_by(error: Exception, served_by: dict[str, str]) -> Exception:
+    """An error raised after a version was chosen, as the client sees it, saying which version."""
+    answer = to_openai(error)
+    if answer is None:
+        return error
+    return replace(answer, headers={**answer.headers, **served_by})
+
+
 def openai_error_response(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, OpenAIError):
-        error = exc
-    elif isinstance(exc, ValidationException):
-        error = OpenAIError(400, _validation_message(exc), "invalid_request_error", "invalid_request", _validation_param(exc))
-    elif isinstance(exc, HTTPException):
-        error = OpenAIError(
+    error = to_openai(exc) or _framework_error(request, exc)
+    # Errors raised before any route (unknown path, wrong method) miss RequestTelemetry: the id is set here too.
+    _, request_id = request_id_header(request.scope["headers"])
+    headers = {**error.headers, "x-request-id": request_id.decode()}
+    return Response(error.body(), status_code=error.status, headers=headers, media_type="application/json")
+
+
+def _framework_error(request: Request, exc: Exception) -> OpenAIError:
+    """Litestar's own errors (validation, 404, 405, 413) in OpenAI's shape; anything else is a 500."""
+    if isinstance(exc, ValidationException):
+        return OpenAIError(400, _validation_message(exc), "invalid_request_error", "invalid_request", _validation_param(exc))
+    if isinstance(exc, HTTPException):
+        return OpenAIError(
             exc.status_code,
             exc.detail,
             "invalid_request_error" if exc.status_code < 500 else "server_error",
             {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code),
             headers={k.lower(): v for k, v in (exc.headers or {}).items()},
         )
-    else:
-        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        error = OpenAIError(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error.", "server_error", "internal_error")
-    return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return OpenAIError(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error.", "server_error", "internal_error")
 
 
 def _validation_message(exc: ValidationException) -> str:

@@ -30,6 +30,7 @@ class LocalStackConfig:
     state_dir: Path
     num_shards: int = 2
     gateway_port: int = 8000
+    gateway_admin_port: int = 8001
     mlflow_port: int = 5000
     shard_base_port: int = 50051
     shard_metrics_base_port: int = 9400
@@ -49,6 +50,7 @@ class LocalStackConfig:
 @dataclass
 class RunningStack:
     gateway_url: str
+    gateway_admin_url: str  # metrics and the admin API
     mlflow_url: str
     shard_addresses: dict[str, str]
     shard_metrics_urls: dict[str, str]
@@ -110,7 +112,7 @@ class LocalStack:
             self.timings_s["shards"] = time.monotonic() - t
 
             t = time.monotonic()
-            gateway_url = self._start_gateway(shard_addresses, tenants_file, logs, state, log)
+            gateway_url, gateway_admin_url = self._start_gateway(shard_addresses, tenants_file, logs, state, log)
             self.timings_s["gateway"] = time.monotonic() - t
             self.timings_s["total"] = time.monotonic() - t0
             self._write_process_groups(state)
@@ -119,6 +121,7 @@ class LocalStack:
             raise
         self.running = RunningStack(
             gateway_url=gateway_url,
+            gateway_admin_url=gateway_admin_url,
             mlflow_url=self.mlflow.url,
             shard_addresses=shard_addresses,
             shard_metrics_urls=shard_metrics_urls,
@@ -168,8 +171,8 @@ class LocalStack:
 
     def _start_gateway(
         self, shard_addresses: dict[str, str], tenants_file: Path, logs: Path, state: Path, log
-    ) -> str:
-        port = self._port(self.config.gateway_port)
+    ) -> tuple[str, str]:
+        port, admin_port = self._port(self.config.gateway_port), self._port(self.config.gateway_admin_port)
         shared: dict[str, str] = {}
         if self.config.gateway_workers != 1:
             shared["LORAPLEX_GATEWAY_WORKERS"] = str(self.config.gateway_workers)
@@ -182,6 +185,7 @@ class LocalStack:
             **shared,
             "LORAPLEX_GATEWAY_HOST": LOOPBACK,
             "LORAPLEX_GATEWAY_PORT": str(port),
+            "LORAPLEX_GATEWAY_ADMIN_PORT": str(admin_port),
             "LORAPLEX_GATEWAY_SHARD_ADDRESSES": ",".join(shard_addresses.values()),
             "LORAPLEX_GATEWAY_TENANTS_FILE": str(tenants_file),
             "LORAPLEX_GATEWAY_REGISTRY_TRACKING_URI": self.mlflow.url,
@@ -196,7 +200,7 @@ class LocalStack:
         url = f"http://{LOOPBACK}:{port}"
         log("starting the gateway…")
         self.gateway.wait_until(lambda: gateway_is_ready(url), self.config.start_timeout_s)
-        return url
+        return url, f"http://{LOOPBACK}:{admin_port}"
 
     def _write_process_groups(self, state: Path) -> None:
         """Records every child's process group, so a supervisor (or a test) can check they end."""

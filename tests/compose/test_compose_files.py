@@ -258,7 +258,8 @@ def test_otel_collector_config_wires_every_pipeline_to_defined_parts(compose):
             for part in pipeline.get(kind, []):
                 assert part in config[kind], part
     scrape = config["receivers"]["prometheus"]["config"]["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert scrape == ["gateway:8000"]
+    admin_port = GatewaySettings.load(environ=compose_env_of(compose["services"]["gateway"])).admin_port
+    assert scrape == [f"gateway:{admin_port}"] and str(admin_port) in compose["services"]["gateway"]["expose"]
     mounted = compose["services"]["otel-collector"]["volumes"][0]
     assert mounted.startswith("./otel-collector.yaml:")
 

@@ -1,1 +1,10 @@
-from gateway_fixtures import client, gateway_process, gateway_settings, shard_servers, tenants_file  # noqa: F401
+from gateway_fixtures import (  # noqa: F401
+    admin_client,
+    client,
+    gateway_apps,
+    gateway_process,
+    gateway_settings,
+    parts,
+    shard_servers,
+    tenants_file,
+)

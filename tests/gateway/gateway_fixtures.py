@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -17,7 +18,7 @@ import pytest
 from gateway_scripted_shard import ScriptedShardServer
 from litestar.testing import TestClient
 
-from gateway.app import create_app
+from gateway.app import create_apps
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings
 from gateway.tenants import sha256_hex
@@ -102,17 +103,51 @@ def wait_until(predicate, timeout_s: float = 5.0, step_s: float = 0.05) -> bool:
 
 
 @pytest.fixture
-def client(gateway_settings):
-    app = create_app(gateway_settings, routing_source=StaticRoutingSource.from_mapping(ROUTES))
-    with TestClient(app) as test_client:
+def gateway_apps(gateway_settings):
+    return create_apps(gateway_settings, routing_source=StaticRoutingSource.from_mapping(ROUTES))
+
+
+class PortClient:
+    """Requests to another port of the server a TestClient talks to, through that client (one event loop)."""
+
+    def __init__(self, client: TestClient, port: int):
+        self.client, self.base = client, f"http://testserver.local:{port}"
+
+    def get(self, path: str, **kwargs):
+        return self.client.get(self.base + path, **kwargs)
+
+    def post(self, path: str, **kwargs):
+        return self.client.post(self.base + path, **kwargs)
+
+
+@pytest.fixture
+def client(gateway_apps):
+    """The public port, as `python -m gateway` serves it; its lifespan runs the gateway's parts."""
+    with TestClient(gateway_apps.by_port()) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def admin_client(gateway_apps, client):
+    """The admin port of the same server."""
+    return PortClient(client, gateway_apps.parts.settings.admin_port)
+
+
+@pytest.fixture
+def parts(gateway_apps):
+    return gateway_apps.parts
 
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def start_gateway_process(config: Path, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """`python -m gateway --config FILE` in its own process group; returns it and its URL once ready."""
+class GatewayUrls(NamedTuple):
+    api: str
+    admin: str
+
+
+def start_gateway_process(config: Path, timeout_s: float = 60.0) -> tuple[subprocess.Popen, GatewayUrls]:
+    """`python -m gateway --config FILE` in its own process group; returns it and its URLs once ready."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_GATEWAY_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", "warning"],
@@ -125,19 +160,21 @@ def start_gateway_process(config: Path, timeout_s: float = 60.0) -> tuple[subpro
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    url, seen, deadline = None, [], time.monotonic() + timeout_s
+    url, admin_url, seen, deadline = None, None, [], time.monotonic() + timeout_s
     while url is None and time.monotonic() < deadline and proc.poll() is None:
         try:
             line = lines.get(timeout=0.5)
         except queue.Empty:
             continue
         seen.append(line)
+        if line.startswith("gateway admin on "):
+            admin_url = line.split()[3]
         if line.startswith("gateway ready on "):
             url = line.split()[3]
-    if not (url and url.startswith("http://127.0.0.1:")):
+    if not (url and url.startswith("http://127.0.0.1:") and admin_url and admin_url != url):
         stop_process_group(proc)
         raise AssertionError("gateway did not start:\n" + "".join(seen))
-    return proc, url
+    return proc, GatewayUrls(url, admin_url)
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
@@ -159,6 +196,7 @@ def gateway_process(tmp_path, tenants_file, shard_servers):
             {
                 "gateway": {
                     "port": 0,
+                    "admin_port": 0,
                     "tenants_file": str(tenants_file),
                     "shard_addresses": [s.address for s in shard_servers],
                     "static_routes": ROUTES,
@@ -167,8 +205,8 @@ def gateway_process(tmp_path, tenants_file, shard_servers):
             }
         )
     )
-    proc, url = start_gateway_process(config)
+    proc, urls = start_gateway_process(config)
     try:
-        yield url
+        yield urls
     finally:
         stop_process_group(proc)

@@ -8,12 +8,13 @@ import os
 import random
 
 import grpc
+import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gateway.errors import OpenAIError, from_grpc
+from gateway.errors import OpenAIError, ShardCallFailed, VersionRefused, from_grpc, shard_call_failed, to_openai
 from gateway.placement import PlacementRing
-from gateway.routing import Router, canary_bucket
+from gateway.routing import VersionRouter, canary_bucket
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings, SettingsError
 from gateway.shadow import ShadowPair, ShadowRecorder, compare_outputs
@@ -60,8 +61,8 @@ def test_reload_on_change_and_malformed_file_keeps_old_tenants(tmp_path):
 
 
 # limits ----------------------------------------------------------------------------------------
-def _tenant(concurrent=0, tpm=0, adapters=("legal",)):
-    return Tenant("t", (sha256_hex("k"),), frozenset(adapters), None, TenantLimits(concurrent, tpm))
+def _tenant(concurrent=0, tpm=0, adapters=("legal",), name="t"):
+    return Tenant(name, (sha256_hex("k"),), frozenset(adapters), None, TenantLimits(concurrent, tpm))
 
 
 def test_local_limiter_sliding_minute_and_retry_after():
@@ -88,7 +89,7 @@ def test_local_limiter_sliding_minute_and_retry_after():
 # routing ---------------------------------------------------------------------------------------
 def _router(percent=25.0, seed=7, **extra):
     routes = {"legal": {"champion": "1", "canary": "2", "canary_percent": percent, **extra}, "nochamp": {"canary": None}}
-    return Router(StaticRoutingSource.from_mapping(routes), "base", random.Random(seed))
+    return VersionRouter(StaticRoutingSource.from_mapping(routes), "base", random.Random(seed))
 
 
 ACME = Tenant("acme", (sha256_hex("a"),), frozenset({"legal", "nochamp", "base"}), "legal", TenantLimits())
@@ -96,7 +97,7 @@ ACME = Tenant("acme", (sha256_hex("a"),), frozenset({"legal", "nochamp", "base"}
 
 def test_canary_share_within_binomial_tolerance():
     router, n, p = _router(25.0), 4000, 0.25
-    canary = sum(router.resolve("legal", ACME).route == "canary" for _ in range(n))
+    canary = sum(router.resolve("legal", ACME).assignment == "canary" for _ in range(n))
     sigma = math.sqrt(n * p * (1 - p))
     assert abs(canary - n * p) < 4 * sigma
 
@@ -114,9 +115,9 @@ def test_sticky_users_get_one_version_and_share_holds_across_users():
 def test_pinned_base_and_errors():
     router = _router(100.0)
     pinned = router.resolve("legal@7", ACME)
-    assert (pinned.adapter, pinned.version, pinned.route) == ("legal", "7", "pinned")
+    assert (pinned.adapter, pinned.version, pinned.assignment) == ("legal", "7", "pinned")
     base = router.resolve("base", ACME)
-    assert (base.adapter, base.version, base.route) == ("", "", "base")
+    assert (base.adapter, base.version, base.assignment) == ("", "", "base")
     assert router.resolve(None, ACME).adapter == "legal"  # default adapter
     forbidden = [pytest.raises(OpenAIError) for _ in range(2)]
     with forbidden[0] as unknown:
@@ -124,7 +125,7 @@ def test_pinned_base_and_errors():
     with forbidden[1] as not_granted:
         router.resolve("legal", _tenant(adapters=("sql",)))
     assert unknown.value.status == not_granted.value.status == 403
-    assert unknown.value.body()["error"]["code"] == not_granted.value.body()["error"]["code"]
+    assert unknown.value.body().error.code == not_granted.value.body().error.code
     with pytest.raises(OpenAIError) as no_champion:
         router.resolve("nochamp", ACME)
     assert no_champion.value.status == 404
@@ -138,10 +139,19 @@ def test_pinned_base_and_errors():
 
 
 def test_registry_tenant_list_restricts_too():
-    router = Router(StaticRoutingSource.from_mapping({"legal": {"champion": "1", "tenants": ["other"]}}))
+    router = VersionRouter(StaticRoutingSource.from_mapping({"legal": {"champion": "1", "tenants": ["other"]}}))
     with pytest.raises(OpenAIError) as exc:
         router.resolve("legal", ACME)
     assert exc.value.status == 403
+    assert router.usable_models(ACME) == ["base"]
+    assert router.usable_models(_tenant(name="other", adapters=("legal",))) == ["legal", "legal@1"]
+
+
+def test_an_empty_registry_tenant_list_admits_nobody_and_an_absent_one_everybody():
+    router = VersionRouter(StaticRoutingSource.from_mapping({"legal": {"champion": "1", "tenants": []}, "open": "2"}))
+    with pytest.raises(OpenAIError):
+        router.resolve("legal", ACME)
+    assert router.resolve("open", _tenant(adapters=("*",))).version == "2"
 
 
 # placement -------------------------------------------------------------------------------------
@@ -225,7 +235,10 @@ def test_recorder_writes_jsonl_aggregates_and_calls_sink(tmp_path):
 def test_grpc_code_mapping(code, status):
     error = from_grpc(code, "details", "legal")
     assert error.status == status
-    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+    assert set(msgspec.to_builtins(error.body())["error"]) == {"message", "type", "param", "code"}
+    raised = shard_call_failed(code, "details", "legal", "legal", "3")
+    assert isinstance(raised, ShardCallFailed) and isinstance(raised, VersionRefused) == (code == grpc.StatusCode.FAILED_PRECONDITION)
+    assert to_openai(raised) == error
     if status == 503:
         assert error.headers["retry-after"]
 

@@ -11,8 +11,8 @@ from gateway_scripted_shard import expected_words
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
-def _owner(client, key: str, shard_servers):
-    shard_id = client.app.state.parts.pool.candidates(key)[0]
+def _owner(parts, key: str, shard_servers):
+    shard_id = parts.pool.candidates(key)[0]
     return next(s for s in shard_servers if s.shard_id == shard_id), shard_id
 
 
@@ -112,8 +112,8 @@ def test_bad_input_statuses(client):
     _error(client.get("/v1/completions", headers=h), 405)
 
 
-def test_shard_error_codes_map_to_http(client, shard_servers):
-    owner, _ = _owner(client, "legal@1", shard_servers)
+def test_shard_error_codes_map_to_http(client, shard_servers, parts):
+    owner, _ = _owner(parts, "legal@1", shard_servers)
     for mode, status in (("invalid", 400), ("not_found", 404), ("precondition", 503)):
         owner.servicer.mode = mode
         err = _error(client.post("/v1/completions", json={"model": "legal", "prompt": "x"}, headers=auth(ACME_KEY)), status)
@@ -128,18 +128,18 @@ def test_tenant_limits_answer_429(client):
     assert _error(r, 429)["type"] == "rate_limit_error" and int(r.headers["retry-after"]) >= 1
 
 
-def test_failover_before_first_token(client, shard_servers):
-    owner, owner_id = _owner(client, "legal@1", shard_servers)
+def test_failover_before_first_token(client, shard_servers, parts):
+    owner, owner_id = _owner(parts, "legal@1", shard_servers)
     owner.servicer.mode = "fail_before_first"
     r = client.post("/v1/completions", json={"model": "legal", "prompt": "x", "max_tokens": 2}, headers=auth(ACME_KEY))
     assert r.status_code == 200 and r.headers["x-loraplex-shard"] != owner_id
-    assert owner_id not in client.app.state.parts.pool.ring  # passive detection took it out
+    assert owner_id not in parts.pool.ring  # passive detection took it out
     owner.servicer.mode = "ok"
-    assert wait_until(lambda: owner_id in client.app.state.parts.pool.ring)  # health says SERVING: back
+    assert wait_until(lambda: owner_id in parts.pool.ring)  # health says SERVING: back
 
 
-def test_resource_exhausted_moves_on_then_503(client, shard_servers):
-    owner, owner_id = _owner(client, "legal@1", shard_servers)
+def test_resource_exhausted_moves_on_then_503(client, shard_servers, parts):
+    owner, owner_id = _owner(parts, "legal@1", shard_servers)
     owner.servicer.mode = "exhausted"
     r = client.post("/v1/completions", json={"model": "legal", "prompt": "x"}, headers=auth(ACME_KEY))
     assert r.status_code == 200 and r.headers["x-loraplex-shard"] != owner_id
@@ -150,8 +150,8 @@ def test_resource_exhausted_moves_on_then_503(client, shard_servers):
     assert r.headers["retry-after"]
 
 
-def test_non_streamed_request_survives_a_mid_stream_cut(client, shard_servers):
-    owner, owner_id = _owner(client, "legal@1", shard_servers)
+def test_non_streamed_request_survives_a_mid_stream_cut(client, shard_servers, parts):
+    owner, owner_id = _owner(parts, "legal@1", shard_servers)
     owner.servicer.mode = "cut_midway"
     r = client.post("/v1/completions", json={"model": "legal", "prompt": "x", "max_tokens": 4}, headers=auth(ACME_KEY))
     assert r.status_code == 200 and r.headers["x-loraplex-shard"] != owner_id
@@ -169,13 +169,13 @@ def test_stream_cut_midway_ends_with_error_event(client, shard_servers):
     assert [e["choices"][0]["text"] for e in events[:-1]] == expected_words("legal", "1", 2)
 
 
-def test_no_healthy_shard_503_and_readyz(client, shard_servers):
+def test_no_healthy_shard_503_and_readyz(client, shard_servers, parts):
     assert client.get("/healthz").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 200 and len(ready.json()["healthy_shards"]) == 2
     for s in shard_servers:
         s.set_serving(False)
-    assert wait_until(lambda: not client.app.state.parts.pool.healthy_shards())
+    assert wait_until(lambda: not parts.pool.healthy_shards())
     r = client.post("/v1/completions", json={"model": "legal", "prompt": "x"}, headers=auth(ACME_KEY))
     assert _error(r, 503)["code"] == "no_healthy_shard" and r.headers["retry-after"]
     ready = client.get("/readyz")
@@ -184,25 +184,24 @@ def test_no_healthy_shard_503_and_readyz(client, shard_servers):
     assert wait_until(lambda: client.get("/readyz").status_code == 200)
 
 
-def test_killed_shard_leaves_ring_and_rejoins(client, shard_servers):
+def test_killed_shard_leaves_ring_and_rejoins(client, shard_servers, parts):
     victim = shard_servers[1]
     victim.stop()
-    assert wait_until(lambda: victim.shard_id not in client.app.state.parts.pool.ring, timeout_s=2.0)
+    assert wait_until(lambda: victim.shard_id not in parts.pool.ring, timeout_s=2.0)
     for i in range(4):
         r = client.post("/v1/completions", json={"model": "legal", "prompt": str(i)}, headers=auth(ACME_KEY))
         assert r.status_code == 200 and r.headers["x-loraplex-shard"] == shard_servers[0].shard_id
     victim.restart()
-    assert wait_until(lambda: victim.shard_id in client.app.state.parts.pool.ring, timeout_s=10.0)
+    assert wait_until(lambda: victim.shard_id in parts.pool.ring, timeout_s=10.0)
 
 
-def test_shadow_pairs_are_logged_and_aggregated(client, gateway_settings):
+def test_shadow_pairs_are_logged_and_aggregated(client, gateway_settings, parts, admin_client):
     for i in range(3):
         r = client.post("/v1/completions", json={"model": "shadowed", "prompt": f"p{i}", "max_tokens": 3}, headers=auth(ACME_KEY))
         assert r.status_code == 200 and r.headers["x-loraplex-version"] == "1"
         assert r.json()["choices"][0]["text"] == "".join(expected_words("shadowed", "1", 3))
-    parts = client.app.state.parts
     assert wait_until(lambda: len(parts.shadow_recorder.recent("shadowed")) == 3)
-    view = client.get("/admin/shadow", params={"adapter": "shadowed"}, headers=auth(ADMIN_KEY)).json()
+    view = admin_client.get("/admin/shadow", params={"adapter": "shadowed"}, headers=auth(ADMIN_KEY)).json()
     agg = view["aggregates"]["shadowed@2"]
     assert agg["shadow_pairs"] == 3 and agg["shadow_exact_match_rate"] == 0.0
     pair = view["pairs"][0]
@@ -211,27 +210,27 @@ def test_shadow_pairs_are_logged_and_aggregated(client, gateway_settings):
     assert len(lines) == 3 and json.loads(lines[0])["shadow_output"].startswith("shadowed@2:0")
 
 
-def test_admin_api(client, shard_servers):
-    _error(client.get("/admin/shards"), 401)
-    _error(client.get("/admin/shards", headers=auth(ACME_KEY)), 403)
+def test_admin_api(client, shard_servers, admin_client):
+    _error(admin_client.get("/admin/shards"), 401)
+    _error(admin_client.get("/admin/shards", headers=auth(ACME_KEY)), 403)
     h = auth(ADMIN_KEY)
-    view = client.get("/admin/shards", headers=h).json()
+    view = admin_client.get("/admin/shards", headers=h).json()
     assert len(view["shards"]) == 2 and sorted(view["ring"]["members"]) == sorted(s.shard_id for s in shard_servers)
     assert len(view["placement"]["legal@1"]) == 2
-    r = client.post("/admin/adapters/load", json={"adapter": "legal"}, headers=h)
+    r = admin_client.post("/admin/adapters/load", json={"adapter": "legal"}, headers=h)
     assert r.status_code == 200 and r.json()["version"] == "1"
     (owner_id, result), = r.json()["shards"].items()
     assert result["ok"] and result["adapter"]["pinned"] is True
-    listed = client.get(f"/admin/shards/{owner_id}/adapters", headers=h).json()
+    listed = admin_client.get(f"/admin/shards/{owner_id}/adapters", headers=h).json()
     assert listed["adapters"][0]["adapter"] == {"name": "legal", "version": "1"}
-    r = client.post("/admin/adapters/pin", json={"adapter": "legal", "version": "1", "pin": False}, headers=h)
+    r = admin_client.post("/admin/adapters/pin", json={"adapter": "legal", "version": "1", "pin": False}, headers=h)
     assert r.json()["shards"][owner_id]["unloaded"] is True
-    r = client.post("/admin/adapters/unload", json={"adapter": "legal", "version": "1"}, headers=h)
+    r = admin_client.post("/admin/adapters/unload", json={"adapter": "legal", "version": "1"}, headers=h)
     assert r.json()["shards"][owner_id]["unloaded"] is True
-    _error(client.post("/admin/adapters/unload", json={"adapter": "legal"}, headers=h), 400)
-    _error(client.get("/admin/shards/nope:1/adapters", headers=h), 404)
-    assert client.post("/admin/adapters/load", json={"adapter": "missing", "version": "1"}, headers=h).json()["shards"]
-    reload = client.post("/admin/routing/reload", headers=h).json()
+    _error(admin_client.post("/admin/adapters/unload", json={"adapter": "legal"}, headers=h), 400)
+    _error(admin_client.get("/admin/shards/nope:1/adapters", headers=h), 404)
+    assert admin_client.post("/admin/adapters/load", json={"adapter": "missing", "version": "1"}, headers=h).json()["shards"]
+    reload = admin_client.post("/admin/routing/reload", headers=h).json()
     assert reload["adapters"]["legal"]["champion"] == "1" and reload["stale"] is False
 
 
@@ -243,13 +242,32 @@ def test_tenants_file_reload_takes_effect(client, tenants_file):
     assert client.get("/v1/models", headers=auth(ACME_KEY)).status_code == 401
 
 
-def test_metrics_and_openapi(client):
+def test_metrics_and_openapi(client, admin_client):
     client.post("/v1/completions", json={"model": "legal", "prompt": "x"}, headers=auth(ACME_KEY))
     client.post("/v1/completions", json={"model": "legal", "prompt": "x"})
-    text = client.get("/metrics").text
-    assert 'loraplex_gateway_requests_total{adapter="legal",endpoint="/v1/completions",route="champion",status="200"} 1.0' in text
+    text = admin_client.get("/metrics").text
+    assert 'loraplex_gateway_requests_total{adapter="legal",assignment="champion",endpoint="/v1/completions",status="200"} 1.0' in text
     assert 'status="401"' in text and "loraplex_gateway_shard_healthy" in text and "loraplex_gateway_routing_table_stale 0.0" in text
     schema = client.get("/schema/openapi.json").json()
     for path in ("/v1/completions", "/v1/chat/completions"):
         documented = set(schema["paths"][path]["post"]["responses"])
         assert {"200", "400", "401", "403", "404", "413", "429", "503"} <= documented
+
+
+def test_public_port_serves_only_the_api_and_health(client, admin_client):
+    _error(client.get("/metrics"), 404)
+    _error(client.get("/admin/shards", headers=auth(ADMIN_KEY)), 404)
+    assert not {"/metrics", "/admin/shards"} & set(client.get("/schema/openapi.json").json()["paths"])
+    _error(admin_client.post("/v1/completions", json={"model": "legal", "prompt": "x"}, headers=auth(ACME_KEY)), 404)
+    assert admin_client.get("/healthz").status_code == 200 and admin_client.get("/readyz").status_code == 200
+    assert {"/metrics", "/admin/shards"} <= set(admin_client.get("/schema/openapi.json").json()["paths"])
+
+
+def test_an_error_after_the_version_was_chosen_says_which_and_is_counted(client, admin_client, shard_servers):
+    for s in shard_servers:
+        s.servicer.mode = "precondition"
+    r = client.post("/v1/completions", json={"model": "legal", "prompt": "x"}, headers=auth(ACME_KEY))
+    assert _error(r, 503)["code"] == "adapter_unavailable"
+    assert (r.headers["x-loraplex-adapter"], r.headers["x-loraplex-version"], r.headers["x-loraplex-route"]) == ("legal", "1", "champion")
+    text = admin_client.get("/metrics").text
+    assert 'loraplex_gateway_requests_total{adapter="legal",assignment="champion",endpoint="/v1/completions",status="503"} 1.0' in text

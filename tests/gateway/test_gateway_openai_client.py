@@ -8,7 +8,7 @@ from gateway_fixtures import ACME_KEY
 from gateway_scripted_shard import expected_words
 
 def test_openai_client_unchanged(gateway_process):
-    client = openai.OpenAI(base_url=gateway_process + "/v1", api_key=ACME_KEY, max_retries=0)
+    client = openai.OpenAI(base_url=gateway_process.api + "/v1", api_key=ACME_KEY, max_retries=0)
     completion = client.completions.create(model="legal", prompt="hello", max_tokens=3)
     assert completion.choices[0].text == "".join(expected_words("legal", "1", 3))
     assert completion.usage.completion_tokens == 3
@@ -33,6 +33,6 @@ def test_openai_client_unchanged(gateway_process):
     with pytest.raises(openai.PermissionDeniedError):
         client.completions.create(model="sql", prompt="x")
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=gateway_process + "/v1", api_key="wrong", max_retries=0).models.list()
+        openai.OpenAI(base_url=gateway_process.api + "/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="legal", prompt="x", temperature=5)

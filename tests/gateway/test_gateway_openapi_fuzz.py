@@ -40,7 +40,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.app import create_app
+from gateway.app import create_apps
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings
 
@@ -84,7 +84,7 @@ def fuzzed_gateway(tmp_path_factory, fuzz_shards):
                 "static_routes": ROUTES,
             }
         )
-        yield create_app(settings_, routing_source=StaticRoutingSource.from_mapping(ROUTES))
+        yield create_apps(settings_, routing_source=StaticRoutingSource.from_mapping(ROUTES))
     finally:
         # Runs the app's on_shutdown (shard channels, background tasks) and closes schemathesis's
         # event-loop thread now, before the shards stop; left to atexit, grpc's poller would fire
@@ -93,8 +93,13 @@ def fuzzed_gateway(tmp_path_factory, fuzz_shards):
 
 
 @pytest.fixture(scope="module")
-def gateway_schema(fuzzed_gateway):
-    schema = schemathesis.openapi.from_asgi("/schema/openapi.json", fuzzed_gateway)
+def gateway_schemas(fuzzed_gateway):
+    """The public port's schema, then the admin port's (its app runs on the parts the first one started)."""
+    return [_schema_of(fuzzed_gateway.api), _schema_of(fuzzed_gateway.admin)]
+
+
+def _schema_of(app):
+    schema = schemathesis.openapi.from_asgi("/schema/openapi.json", app)
     schema.config.generation.update(
         modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
         max_examples=MAX_EXAMPLES,
@@ -260,15 +265,15 @@ def with_explicit_examples(test, operation, raw_schema: dict):
     return test
 
 
-def wait_for_healthy_shards(app, count: int, timeout_s: float = 2.0) -> None:
+def wait_for_healthy_shards(parts, count: int, timeout_s: float = 2.0) -> None:
     """A shard that failed a call leaves the ring until its next health check; waiting for it lets
     the next example reach a shard rather than always meeting the 503 of an empty ring."""
     deadline = time.monotonic() + timeout_s
-    while len(app.state.parts.pool.healthy_shards()) < count and time.monotonic() < deadline:
+    while len(parts.pool.healthy_shards()) < count and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
-def fuzz_operation(operation, mode: GenerationMode, shards: list, statuses: Counter) -> None:
+def fuzz_operation(operation, mode: GenerationMode, shards: list, parts, statuses: Counter) -> None:
     raw_schema = operation.schema.raw_schema
     shard_ids = [server.shard_id for server in shards]
 
@@ -291,7 +296,7 @@ def fuzz_operation(operation, mode: GenerationMode, shards: list, statuses: Coun
         finally:
             for server in shards:
                 server.servicer.mode = "ok"
-            wait_for_healthy_shards(operation.app, len(shards))
+            wait_for_healthy_shards(parts, len(shards))
         statuses[response.status_code] += 1
         check_openai_error_shape(response)
         check_stream_ends_with_done_or_error(response)
@@ -302,20 +307,21 @@ def fuzz_operation(operation, mode: GenerationMode, shards: list, statuses: Coun
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
-def test_every_answer_is_documented_and_openai_shaped(gateway_schema, fuzz_shards, mode):
+def test_every_answer_is_documented_and_openai_shaped(gateway_schemas, fuzzed_gateway, fuzz_shards, mode):
     failures, seen = [], {}
-    operations = [result.ok() for result in gateway_schema.get_all_operations()]
-    assert len(operations) >= 13, [op.label for op in operations]
-    for operation in operations:
+    operations = [(port, result.ok()) for port, schema in zip(("api", "admin"), gateway_schemas) for result in schema.get_all_operations()]
+    assert len(operations) >= 15, [op.label for _, op in operations]
+    for port, operation in operations:
+        label = f"{port} {operation.label}"
         statuses: Counter = Counter()
         try:
-            fuzz_operation(operation, mode, fuzz_shards, statuses)
+            fuzz_operation(operation, mode, fuzz_shards, fuzzed_gateway.parts, statuses)
         except Unsatisfiable:
             # Nothing in this operation can be made invalid (no body, no constrained parameter).
-            assert mode is GenerationMode.NEGATIVE and not statuses, operation.label
+            assert mode is GenerationMode.NEGATIVE and not statuses, label
         except (Exception, FailureGroup) as exc:  # collected so one run reports every operation that fails
-            failures.append(f"{operation.label}: {exc}")
-        seen[operation.label] = dict(sorted(statuses.items()))
+            failures.append(f"{label}: {exc}")
+        seen[label] = dict(sorted(statuses.items()))
     print(json.dumps(seen, indent=1))
     assert not failures, "\n\n".join(failures)
     if mode is GenerationMode.POSITIVE:
@@ -323,6 +329,6 @@ def test_every_answer_is_documented_and_openai_shaped(gateway_schema, fuzz_shard
         # shard faults reached the client as their documented statuses.
         assert all(any(200 <= s < 300 for s in counts) for counts in seen.values()), seen
         generation = Counter()
-        for label in ("POST /v1/completions", "POST /v1/chat/completions"):
+        for label in ("api POST /v1/completions", "api POST /v1/chat/completions"):
             generation.update(seen[label])
         assert {200, 400, 401, 404, 503, 504} <= set(generation), generation

@@ -1,4 +1,5 @@
-"""The router reads the registry's own RoutingTable / AdapterRoute (the seam in ARCHITECTURE.md)."""
+"""The gateway routes over the registry's routing table: one type (`loraplex.routing_table`), built
+from MLflow's registered-model entries (the seam in ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -7,36 +8,36 @@ import pytest
 registry_routing = pytest.importorskip("registry.routing")
 
 from gateway.errors import OpenAIError  # noqa: E402
-from gateway.routing import Router  # noqa: E402
+from gateway.routing import VersionRouter  # noqa: E402
+from gateway.routing_source import StaticRoutingSource  # noqa: E402
 from gateway.tenants import Tenant, TenantLimits  # noqa: E402
+from loraplex import routing_table  # noqa: E402
 
 
-class HeldTable:
-    """A routing table source holding one fixed registry.RoutingTable."""
-
-    is_stale = False
-
-    def __init__(self, table):
-        self._table = table
-        self.last_success_unix = table.fetched_unix
-
-    def current(self):
-        return self._table
+def _registered_model(name: str, aliases: dict[str, str], tags: dict[str, str]) -> dict:
+    """One entry of MLflow's REST `registered-models/search` answer."""
+    return {
+        "name": name,
+        "aliases": [{"alias": a, "version": v} for a, v in aliases.items()],
+        "tags": [{"key": k, "value": v} for k, v in tags.items()],
+    }
 
 
-def test_router_over_registry_routing_table():
-    Route, Table = registry_routing.AdapterRoute, registry_routing.RoutingTable
-    table = Table(
-        {
-            "legal": Route("legal", "4", "5", "6", 100.0, None),
-            "clinical": Route("clinical", "1", None, None, 0.0, frozenset({"other"})),
-        },
-        fetched_unix=1.0,
-    )
-    router = Router(HeldTable(table))
-    acme = Tenant("acme", ("0" * 64,), frozenset({"legal", "clinical"}), None, TenantLimits())
-    decision = router.resolve("legal", acme, "user-1")
-    assert (decision.version, decision.route, decision.shadow_version) == ("5", "canary", "6")
-    with pytest.raises(OpenAIError) as exc:
-        router.resolve("clinical", acme)
-    assert exc.value.status == 403
+def test_router_over_the_registry_routing_table():
+    assert registry_routing.RoutingTable is routing_table.RoutingTable
+    assert registry_routing.AdapterRoute is routing_table.AdapterRoute
+    entries = [
+        _registered_model("legal", {"champion": "4", "canary": "5", "shadow": "6"}, {"loraplex.canary_percent": "100"}),
+        _registered_model("clinical", {"champion": "1"}, {"loraplex.tenants": "other"}),
+        _registered_model("closed", {"champion": "1"}, {"loraplex.tenants": ""}),
+    ]
+    table = routing_table.RoutingTable({e["name"]: registry_routing.route_from_registered_model(e) for e in entries}, 1.0)
+    router = VersionRouter(StaticRoutingSource(table))
+    acme = Tenant("acme", ("0" * 64,), frozenset({"legal", "clinical", "closed"}), None, TenantLimits())
+    choice = router.resolve("legal", acme, "user-1")
+    assert (choice.version, choice.assignment, choice.shadow_version) == ("5", "canary", "6")
+    for name in ("clinical", "closed"):  # another tenant's, and nobody's
+        with pytest.raises(OpenAIError) as exc:
+            router.resolve(name, acme)
+        assert exc.value.status == 403
+    assert router.usable_models(acme) == ["legal", "legal@4", "legal@5"]

@@ -8,7 +8,7 @@ import asyncio
 
 from gateway_scripted_shard import ScriptedShardServer
 
-from gateway.app import build_shard_pool
+from gateway.parts import build_shard_pool
 from gateway.metrics import GatewayMetrics
 from gateway.placement import PlacementRing
 from gateway.settings import GatewaySettings

@@ -9,7 +9,7 @@ import pytest
 from gateway_fixtures import ACME_KEY, ADMIN_KEY, ROUTES, auth, wait_until
 from litestar.testing import TestClient
 
-from gateway.app import create_app
+from gateway.app import create_apps
 from gateway.dispatch import Dispatcher, GenerationJob
 from gateway.placement import PlacementRing
 from gateway.routing_source import StaticRoutingSource
@@ -67,7 +67,7 @@ def slow_client(tmp_path, tenants_file, shard_servers):
     )
     for s in shard_servers:
         s.servicer.mode, s.servicer.slow_s = "slow", 0.3
-    with TestClient(create_app(settings, routing_source=StaticRoutingSource.from_mapping(ROUTES))) as client:
+    with TestClient(create_apps(settings, routing_source=StaticRoutingSource.from_mapping(ROUTES)).by_port()) as client:
         yield client
 
 
@@ -80,12 +80,12 @@ def test_client_going_away_cancels_the_shard_call(gateway_process, shard_servers
     for s in shard_servers:
         s.servicer.mode, s.servicer.slow_s = "slow", 0.2
     body = {"model": "legal", "prompt": "x", "max_tokens": 40, "stream": True}
-    with httpx.Client(base_url=gateway_process, timeout=10) as http:
+    with httpx.Client(base_url=gateway_process.api, timeout=10) as http:
         with http.stream("POST", "/v1/completions", json=body, headers=auth(ACME_KEY)) as r:
             assert r.status_code == 200
             assert next(r.iter_lines()).startswith("data: ")
     # 40 tokens take 8 s; the shard sees the cancellation long before.
     assert wait_until(lambda: sum(s.servicer.cancelled for s in shard_servers) == 1, timeout_s=6.0)
-    with httpx.Client(base_url=gateway_process, timeout=10) as http:
+    with httpx.Client(base_url=gateway_process.admin, timeout=10) as http:
         shards = http.get("/admin/shards", headers=auth(ADMIN_KEY)).json()["shards"]
     assert all(s["in_flight"] == 0 for s in shards)

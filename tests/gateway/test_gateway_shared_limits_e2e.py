@@ -74,11 +74,13 @@ class Cluster:
         )
         self.processes = []
         self.a = self.b = ""  # gateway URLs
+        self.admin_urls: dict[str, str] = {}  # gateway URL -> its admin port's URL (metrics)
 
     def start_gateway(self, label: str, **settings) -> str:
         config = self.tmp_path / f"gateway-{label}.yaml"
         values = {
             "port": 0,
+            "admin_port": 0,
             "tenants_file": str(self.tenants_file),
             "shard_addresses": [s.address for s in self.shards],
             "static_routes": ROUTES,
@@ -92,9 +94,10 @@ class Cluster:
             **settings,
         }
         config.write_text(yaml.safe_dump({"gateway": values}))
-        proc, url = start_gateway_process(config)
+        proc, urls = start_gateway_process(config)
         self.processes.append(proc)
-        return url
+        self.admin_urls[urls.api] = urls.admin
+        return urls.api
 
     def slow_shards(self, seconds_per_token: float) -> None:
         for shard in self.shards:
@@ -144,9 +147,9 @@ def test_gateway_a_runs_two_worker_processes_on_one_port(cluster):
     assert len(workers) == 2
 
 
-def requests_counted(url: str) -> float:
+def requests_counted(admin_url: str) -> float:
     """`loraplex_gateway_requests_total` of tenant-served completions, summed over label sets."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = httpx.get(f"{admin_url}/metrics", timeout=10).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -155,11 +158,11 @@ def requests_counted(url: str) -> float:
 
 
 def test_metrics_of_every_worker_add_up_whichever_worker_is_scraped(cluster):
-    before = requests_counted(cluster.a)
+    before = requests_counted(cluster.admin_urls[cluster.a])
     for _ in range(20):
         assert complete(cluster.a, "sixteen", max_tokens=1).status_code == 200
     # Each scrape reaches one of A's two workers; each reports both workers' requests.
-    assert [requests_counted(cluster.a) - before for _ in range(4)] == [20.0] * 4
+    assert [requests_counted(cluster.admin_urls[cluster.a]) - before for _ in range(4)] == [20.0] * 4
 
 
 def test_the_17th_concurrent_request_gets_429_whichever_process_it_reaches(cluster):

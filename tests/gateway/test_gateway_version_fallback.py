@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from gateway_fixtures import ACME_KEY, ADMIN_KEY, auth
+from gateway_fixtures import ACME_KEY, ADMIN_KEY, PortClient, auth
 from gateway_scripted_shard import ScriptedShard, ScriptedShardServer
 from litestar.testing import TestClient
 
-from gateway.app import create_app
-from gateway.routing import RouteDecision
+from gateway.app import create_apps
+from gateway.routing import VersionChoice
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings
 from gateway.version_fallback import LastGoodVersions
+
+
+ADMIN_PORT = 8001
 
 
 class RefusingShard(ScriptedShard):
@@ -48,9 +51,10 @@ def _client(tmp_path, tenants_file, shard, source, retry_s=30.0):
             "health_interval_s": 0.1,
             "request_timeout_s": 10,
             "refused_version_retry_s": retry_s,
+            "admin_port": ADMIN_PORT,
         }
     )
-    return TestClient(create_app(settings, routing_source=source))
+    return TestClient(create_apps(settings, routing_source=source).by_port())
 
 
 def _complete(client, model="legal", **extra):
@@ -62,7 +66,7 @@ def test_refused_champion_falls_back_to_the_last_good_version(tmp_path, tenants_
     refusing_shard.servicer.refused.add(("legal", "2"))
     with _client(tmp_path, tenants_file, refusing_shard, source) as client:
         assert _complete(client).headers["x-loraplex-version"] == "1"
-        source._table = StaticRoutingSource.from_mapping({"legal": {"champion": "2"}}).current()  # promoted
+        source.replace(StaticRoutingSource.from_mapping({"legal": {"champion": "2"}}).current())  # promoted
         plain = _complete(client)
         assert plain.status_code == 200, plain.text
         assert (plain.headers["x-loraplex-version"], plain.headers["x-loraplex-route"]) == ("1", "champion")
@@ -75,8 +79,8 @@ def test_refused_champion_falls_back_to_the_last_good_version(tmp_path, tenants_
         assert asked_for_2 == 1
         pinned = _complete(client, model="legal@2")
         assert pinned.status_code == 503 and pinned.json()["error"]["code"] == "adapter_unavailable"
-        assert 'loraplex_gateway_version_fallbacks_total{adapter="legal"} 2.0' in client.get("/metrics").text
-        fallback = client.get("/admin/shards", headers=auth(ADMIN_KEY)).json()["version_fallback"]
+        assert 'loraplex_gateway_version_fallbacks_total{adapter="legal"} 2.0' in PortClient(client, ADMIN_PORT).get("/metrics").text
+        fallback = PortClient(client, ADMIN_PORT).get("/admin/shards", headers=auth(ADMIN_KEY)).json()["version_fallback"]
         assert fallback["last_good"] == {"legal": "1"} and set(fallback["refused"]) == {"legal@2"}
 
 
@@ -93,11 +97,11 @@ def test_without_a_last_good_version_the_refusal_is_a_503(tmp_path, tenants_file
 def test_repaired_version_is_tried_again_after_the_retry_window():
     now = [0.0]
     last_good = LastGoodVersions(retry_refused_s=10.0, clock=lambda: now[0])
-    served = RouteDecision("legal", "legal", "1", "champion")
-    promoted = RouteDecision("legal", "legal", "2", "champion")
+    served = VersionChoice("legal", "legal", "1", "champion")
+    promoted = VersionChoice("legal", "legal", "2", "champion")
     last_good.served(served, "1")
     fallback = last_good.after_refusal(promoted)
-    assert fallback == RouteDecision("legal", "legal", "1", "champion")
+    assert fallback == VersionChoice("legal", "legal", "1", "champion")
     assert last_good.substitute(promoted).version == "1"
     now[0] = 10.5
     assert last_good.substitute(promoted).version == "2"  # retried once the window is over
@@ -107,11 +111,11 @@ def test_repaired_version_is_tried_again_after_the_retry_window():
 
 def test_canary_refused_goes_to_the_champion_and_pinned_or_base_never_fall_back():
     last_good = LastGoodVersions()
-    last_good.served(RouteDecision("legal", "legal", "1", "champion"), "1")
-    canary = RouteDecision("legal", "legal", "3", "canary", "4")
-    assert last_good.fallback_for(canary) == RouteDecision("legal", "legal", "1", "champion", "4")
-    assert last_good.fallback_for(RouteDecision("legal@3", "legal", "3", "pinned")) is None
-    assert last_good.fallback_for(RouteDecision("base", "", "", "base")) is None
+    last_good.served(VersionChoice("legal", "legal", "1", "champion"), "1")
+    canary = VersionChoice("legal", "legal", "3", "canary", "4")
+    assert last_good.fallback_for(canary) == VersionChoice("legal", "legal", "1", "champion", "4")
+    assert last_good.fallback_for(VersionChoice("legal@3", "legal", "3", "pinned")) is None
+    assert last_good.fallback_for(VersionChoice("base", "", "", "base")) is None
     # A canary answer does not become the champion's fallback.
-    last_good.served(RouteDecision("legal", "legal", "3", "canary"), "3")
+    last_good.served(VersionChoice("legal", "legal", "3", "canary"), "3")
     assert last_good.last_good("legal") == "1"

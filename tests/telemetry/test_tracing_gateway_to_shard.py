@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from gateway.app import create_app
+from gateway.app import create_apps
 from gateway.settings import GatewaySettings
 from gateway.tenants import sha256_hex
 from loraplex.telemetry import exporting_is_configured, tracer_provider
@@ -81,7 +81,7 @@ def test_a_completion_is_one_trace_across_gateway_and_shard(tmp_path, tiny_model
                 "health_interval_s": 0.1,
             }
         )
-        with TestClient(create_app(settings, tracing=gateway_tracing)) as client:
+        with TestClient(create_apps(settings, tracing=gateway_tracing).by_port()) as client:
             response = client.post(
                 "/v1/completions",
                 json={"model": adapter, "prompt": "hello", "max_tokens": 3},

@@ -1,0 +1,54 @@
+"""The routing table: which version of each adapter serves, and who may use it.
+
+One type for every source of it (the registry's watcher over MLflow, the gateway's static table),
+free of dependencies so that both the registry and the gateway import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+CHAMPION, CANARY, SHADOW = "champion", "canary", "shadow"
+ROUTING_ALIASES = (CHAMPION, CANARY, SHADOW)
+# A tenant granted this in the tenants file may use every adapter (and the base model).
+EVERY_ADAPTER = "*"
+
+
+@dataclass(frozen=True)
+class AdapterRoute:
+    """An adapter's entry in the routing table: the versions its aliases name, and its canary share."""
+
+    name: str
+    champion: str | None
+    canary: str | None = None
+    shadow: str | None = None
+    canary_percent: float = 0.0
+    # None: the registry sets no tenant list and the tenants file alone decides; otherwise only these.
+    tenants: frozenset[str] | None = None
+
+    def alias_versions(self) -> dict[str, str]:
+        """alias -> version, for the aliases that name one."""
+        versions = {CHAMPION: self.champion, CANARY: self.canary, SHADOW: self.shadow}
+        return {alias: version for alias, version in versions.items() if version}
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    adapters: Mapping[str, AdapterRoute] = field(default_factory=dict)
+    # When the table was read from its source (unix seconds); None for the empty table before any read.
+    fetched_unix: float | None = None
+
+    def route(self, name: str) -> AdapterRoute | None:
+        return self.adapters.get(name)
+
+    def same_routes(self, other: RoutingTable) -> bool:
+        return self.adapters == other.adapters
+
+
+def may_use(tenant: str, grants: Collection[str], model_name: str, route: AdapterRoute | None = None) -> bool:
+    """Whether a tenant may use an adapter (or the base model, which has no route): the tenants file
+    grants it (by name or with "*"), and the registry's tenant list for it, when set, names the tenant."""
+    if EVERY_ADAPTER not in grants and model_name not in grants:
+        return False
+    return route is None or route.tenants is None or tenant in route.tenants
