@@ -56,7 +56,8 @@ def test_scrape_targets_are_the_services_metrics_ports():
         assert host in services and port == shard_port
         assert port in [str(p) for p in services[host]["expose"]]
     (gateway_target,) = jobs["loraplex-gateway"]
-    assert gateway_target.split(":")[0] == "gateway"
+    admin_port = services["gateway"]["environment"]["LORAPLEX_GATEWAY_ADMIN_PORT"]
+    assert gateway_target == f"gateway:{admin_port}" and str(admin_port) in services["gateway"]["expose"]
     prometheus = services["prometheus"]
     assert "./prometheus:/etc/prometheus:ro" in prometheus["volumes"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
