@@ -11,8 +11,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-import msgspec
-
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult, ShardStream, StreamCut
 from gateway.errors import OpenAIError, VersionRefused, bad_request
 from gateway.metrics import GatewayMetrics
@@ -28,6 +26,7 @@ from gateway.openai_schema import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    JSON,
     Usage,
 )
 from gateway.routing import VersionChoice, VersionRouter
@@ -214,7 +213,7 @@ class CompletionService:
         except BaseException:
             await self.limiter.release(lease, 0)
             raise
-        self.metrics.first_token.labels(prepared.choice.assignment).observe(stream.first_token_s)
+        self.metrics.first_token_latency(prepared.choice.assignment).observe(stream.first_token_s)
         primary = asyncio.get_running_loop().create_future()
         self._start_shadow(prepared, tenant, primary)
         headers = self.served_by(prepared.choice, stream.shard_id, stream.adapter, stream.version)
@@ -259,10 +258,10 @@ class CompletionService:
 
     def _observe(self, prepared: PreparedRequest, result: GenerationResult) -> None:
         adapter = prepared.choice.adapter or self.settings.base_model_id
-        self.metrics.tokens.labels("prompt", adapter).inc(result.prompt_tokens)
-        self.metrics.tokens.labels("completion", adapter).inc(result.completion_tokens)
+        self.metrics.token_count("prompt", adapter).inc(result.prompt_tokens)
+        self.metrics.token_count("completion", adapter).inc(result.completion_tokens)
         if prepared.stream is False:
-            self.metrics.first_token.labels(prepared.choice.assignment).observe(result.first_token_s)
+            self.metrics.first_token_latency(prepared.choice.assignment).observe(result.first_token_s)
 
     def _fall_back(self, prepared: PreparedRequest, refused: VersionRefused) -> PreparedRequest:
         """The request re-aimed at the adapter's last good version, or `refused` raised again."""
@@ -308,11 +307,8 @@ def _usage(result: GenerationResult) -> Usage:
     return Usage(result.prompt_tokens, result.completion_tokens, result.prompt_tokens + result.completion_tokens)
 
 
-_ENCODER = msgspec.json.Encoder()
-
-
-def _sse(event: msgspec.Struct | dict) -> bytes:
-    return b"data: " + _ENCODER.encode(event) + b"\n\n"
+def _sse(event: msgspec.Struct) -> bytes:
+    return b"data: " + JSON.encode(event) + b"\n\n"
 
 
 def _role(role: str) -> str:

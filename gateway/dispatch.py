@@ -10,7 +10,7 @@ Failures are typed (`gateway.errors.ShardError`): a refused version is a `Versio
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -97,7 +97,7 @@ class ShardStream:
     first_token_s: float
     _call: grpc.aio.UnaryStreamCall
     _pending: list[shard_pb2.GenerateChunk]
-    _release: contextlib.ExitStack
+    _release: Callable[[], None]  # ends the shard's in-flight count for this request
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -140,7 +140,7 @@ class ShardStream:
         self.closed = True
         if self.finish_reason is None:
             self._call.cancel()  # the client went away or the stream broke: free the shard's slot
-        self._release.close()
+        self._release()
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -223,12 +223,14 @@ class Dispatcher:
     async def _open_on(self, shard_id: str, job: GenerationJob) -> ShardStream:
         state = self.pool.get(shard_id)
         started = time.perf_counter()
-        release = contextlib.ExitStack()
-        release.enter_context(self.pool.in_flight(shard_id, job.placement_key))
-        call = state.stub.Generate(job.to_proto(), timeout=self.timeout_s)
+        key = job.placement_key
+        self.pool.begin(state, key)
+        release = functools.partial(self.pool.end, state, key)
         pending: list[shard_pb2.GenerateChunk] = []
         adapter, version = job.adapter, job.version
+        call = None
         try:
+            call = state.stub.Generate(job.to_proto(), timeout=self.timeout_s)
             while True:
                 chunk = await call.read()
                 if chunk is grpc.aio.EOF:
@@ -239,8 +241,9 @@ class Dispatcher:
                 if chunk.text or chunk.finish_reason:
                     break
         except BaseException:
-            call.cancel()
-            release.close()
+            if call is not None:
+                call.cancel()
+            release()
             raise
         state.served += 1
         return ShardStream(shard_id, adapter, version, started, time.perf_counter() - started, call, pending, release)

@@ -14,10 +14,26 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.metrics import MetricWrapperBase
 
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class LabelledChildren:
+    """A metric's children by label values, each looked up in prometheus_client once: its `labels()`
+    validates and locks on every call, which the per-request metrics would pay several times."""
+
+    def __init__(self, metric: MetricWrapperBase):
+        self.metric = metric
+        self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
+
+    def __call__(self, *values: str) -> MetricWrapperBase:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class GatewayMetrics:
@@ -54,6 +70,12 @@ class GatewayMetrics:
             registry=r,
         )
         self.shadow_dropped = Gauge("loraplex_gateway_shadow_dropped", "Shadow copies shed because the shadow pool was full", multiprocess_mode="livesum", registry=r)
+
+        # The per-request ones, as children looked up once (label sets are bounded, as the metrics' are).
+        self.request_count = LabelledChildren(self.requests)
+        self.request_latency = LabelledChildren(self.latency)
+        self.first_token_latency = LabelledChildren(self.first_token)
+        self.token_count = LabelledChildren(self.tokens)
 
     def exposition(self) -> bytes:
         directory = os.environ.get(MULTIPROCESS_DIR_ENV)

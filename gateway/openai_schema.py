@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import msgspec
 from msgspec import Meta, Struct
 
 # Litestar 2.25 drops a zero lower bound from the OpenAPI schema (it tests the bound for truth),
@@ -160,3 +161,7 @@ class ChatChunk(Struct, omit_defaults=True):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+# Every body the gateway writes is one of these structs, encoded once by this encoder.
+JSON = msgspec.json.Encoder()

@@ -17,6 +17,9 @@ import math
 from collections.abc import Iterable, Mapping
 
 
+ORDER_CACHE_SIZE = 4096
+
+
 def ring_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
@@ -31,6 +34,8 @@ class PlacementRing:
         self._points: list[int] = []
         self._owners: list[str] = []
         self._shards: set[str] = set()
+        # Every request asks for its key's order; it changes only when the members do.
+        self._orders: dict[str, tuple[str, ...]] = {}
         for shard in shards:
             self.add(shard)
 
@@ -48,6 +53,7 @@ class PlacementRing:
         if shard in self._shards:
             return
         self._shards.add(shard)
+        self._orders.clear()
         for i in range(self.virtual_nodes):
             point = ring_hash(f"{shard}#{i}")
             at = bisect.bisect_left(self._points, point)
@@ -58,6 +64,7 @@ class PlacementRing:
         if shard not in self._shards:
             return
         self._shards.discard(shard)
+        self._orders.clear()
         keep = [(p, o) for p, o in zip(self._points, self._owners) if o != shard]
         self._points = [p for p, _ in keep]
         self._owners = [o for _, o in keep]
@@ -71,8 +78,16 @@ class PlacementRing:
 
     def ring_order(self, key: str) -> list[str]:
         """Distinct shards clockwise from the key's point: owner first, then its successors."""
+        order = self._orders.get(key)
+        if order is None:
+            if len(self._orders) >= ORDER_CACHE_SIZE:  # pinned versions are the client's choice: stay bounded
+                self._orders.clear()
+            order = self._orders[key] = self._compute_order(key)
+        return list(order)
+
+    def _compute_order(self, key: str) -> tuple[str, ...]:
         if not self._points:
-            return []
+            return ()
         start = bisect.bisect_right(self._points, ring_hash(key))
         order: list[str] = []
         seen: set[str] = set()
@@ -84,7 +99,7 @@ class PlacementRing:
                 order.append(owner)
                 if len(order) == len(self._shards):
                     break
-        return order
+        return tuple(order)
 
     def capacity(self, total_load: int) -> int:
         """The most load a shard may carry when `total_load` requests (the new one included) run."""

@@ -248,15 +248,15 @@ class ShardPool:
     def candidates(self, key: str) -> list[str]:
         return self.ring.choose(key, self.loads(), self.key_in_flight(key))
 
-    @contextlib.contextmanager
-    def in_flight(self, shard_id: str, key: str):
-        state = self._by_id[shard_id]
+    @staticmethod
+    def begin(state: ShardState, key: str) -> None:
+        """A request for `key` is in flight on this shard (placement counts it) until `end`."""
         state.in_flight += 1
         state.key_in_flight[key] += 1
-        try:
-            yield state
-        finally:
-            state.in_flight -= 1
-            state.key_in_flight[key] -= 1
-            if state.key_in_flight[key] <= 0:
-                del state.key_in_flight[key]
+
+    @staticmethod
+    def end(state: ShardState, key: str) -> None:
+        state.in_flight -= 1
+        state.key_in_flight[key] -= 1
+        if state.key_in_flight[key] <= 0:
+            del state.key_in_flight[key]

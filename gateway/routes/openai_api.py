@@ -5,16 +5,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from litestar import Request, Response, get, post
+from litestar import Request, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
-from litestar.response import Stream
+from litestar.response.base import ASGIResponse
+from litestar.response.streaming import ASGIStreamingResponse
+from litestar.types import Receive, Scope, Send
 
 from gateway.openai_schema import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    JSON,
     ModelCard,
     ModelList,
 )
@@ -26,18 +29,37 @@ from gateway.tenants import Tenant
 TenantRequest = Request[Tenant, str, Any]
 
 
-async def _answer(request: TenantRequest, parts: GatewayParts, body: CompletionRequest | ChatCompletionRequest) -> Response:
+class EncodedJSON(ASGIResponse):
+    """A 200 JSON answer whose body (a struct, encoded once with `JSON`) and headers are bytes before
+    it is sent: Litestar's Response would build, search and re-encode a header map per request.
+    The struct the body holds is documented in the route's `responses=`."""
+
+    __slots__ = ("_start", "_body")
+
+    def __init__(self, body: bytes, headers: dict[str, str]):
+        encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        encoded += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        self._start = {"type": "http.response.start", "status": 200, "headers": encoded}
+        self._body = {"type": "http.response.body", "body": body, "more_body": False}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(self._start)
+        await send(self._body)
+
+
+async def _answer(request: TenantRequest, parts: GatewayParts, body: CompletionRequest | ChatCompletionRequest) -> ASGIResponse:
     service, tenant = parts.service, request.user
     headers = request.headers
     prepared = service.prepare(body, tenant, headers["x-request-id"], headers.get(SESSION_HEADER))
     try:
         if prepared.stream:
             events, served_by = await service.open_stream(prepared, tenant)
-            return Stream(events, media_type="text/event-stream", headers={**served_by, "cache-control": "no-cache"})
+            served_by["cache-control"] = "no-cache"
+            return ASGIStreamingResponse(iterator=events, media_type="text/event-stream", headers=served_by)
         answer, served_by = await service.complete(prepared, tenant)
     except Exception as error:
         raise with_served_by(error, service.served_by(prepared.choice)) from error
-    return Response(answer, headers=served_by, media_type="application/json")
+    return EncodedJSON(JSON.encode(answer), served_by)
 
 
 @post(
@@ -50,7 +72,7 @@ async def _answer(request: TenantRequest, parts: GatewayParts, body: CompletionR
     operation_class=StreamingOperation,
     summary="Create a completion (OpenAI-compatible)",
 )
-async def create_completion(request: TenantRequest, data: JSONBody[CompletionRequest], parts: Parts) -> Response:
+async def create_completion(request: TenantRequest, data: JSONBody[CompletionRequest], parts: Parts) -> ASGIResponse:
     return await _answer(request, parts, data)
 
 
@@ -64,7 +86,7 @@ async def create_completion(request: TenantRequest, data: JSONBody[CompletionReq
     operation_class=StreamingOperation,
     summary="Create a chat completion (OpenAI-compatible; the shard applies the base model's chat template)",
 )
-async def create_chat_completion(request: TenantRequest, data: JSONBody[ChatCompletionRequest], parts: Parts) -> Response:
+async def create_chat_completion(request: TenantRequest, data: JSONBody[ChatCompletionRequest], parts: Parts) -> ASGIResponse:
     return await _answer(request, parts, data)
 
 

@@ -8,9 +8,9 @@ are counted too, and the latency timer runs from the first middleware to the las
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
@@ -33,7 +33,7 @@ def request_id_header(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[by
             if _SANE_REQUEST_ID.match(value):
                 return headers, value
             break
-    fresh = uuid.uuid4().hex.encode()
+    fresh = os.urandom(16).hex().encode()
     return [*(h for h in headers if h[0] != REQUEST_ID), (REQUEST_ID, fresh)], fresh
 
 
@@ -67,9 +67,9 @@ class RequestTelemetry(ASGIMiddleware):
                 if not has_request_id:
                     headers.append((REQUEST_ID, request_id))
                 if endpoint is not None:
-                    metrics.requests.labels(endpoint, str(message["status"]), assignment, adapter).inc()
+                    metrics.request_count(endpoint, str(message["status"]), assignment, adapter).inc()
             elif endpoint is not None and not message.get("more_body", False):
-                metrics.latency.labels(endpoint, assignment).observe(time.perf_counter() - started)
+                metrics.request_latency(endpoint, assignment).observe(time.perf_counter() - started)
             await send(message)
 
         try:
@@ -78,8 +78,8 @@ class RequestTelemetry(ASGIMiddleware):
             # Raised by a middleware after this one (authentication): Litestar answers it outside
             # this middleware (gateway/routes/responses.py), so it is counted here.
             if endpoint is not None:
-                metrics.requests.labels(endpoint, str(_status_of(error)), "", "").inc()
-                metrics.latency.labels(endpoint, "").observe(time.perf_counter() - started)
+                metrics.request_count(endpoint, str(_status_of(error)), "", "").inc()
+                metrics.request_latency(endpoint, "").observe(time.perf_counter() - started)
             raise
 
 
