@@ -6,8 +6,11 @@ server, the base-model fill Job, autoscaling and scrape targets on the right por
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -63,9 +66,31 @@ def test_every_object_passes_the_kubernetes_api_schema(k8s_docs, version):
     assert {d["kind"] for d in core} >= {"NetworkPolicy", "HorizontalPodAutoscaler", "StatefulSet", "Job", "PodDisruptionBudget"}
     for doc in core:
         kubernetes_validate.validate(doc, version, strict=True)
-    # PodMonitor and ScaledObject are CRDs whose schemas no offline package ships; kustomize has
-    # parsed them, and the tests below check the fields loraplex relies on.
     assert {(d["apiVersion"], d["kind"]) for d in k8s_docs} - {(d["apiVersion"], d["kind"]) for d in core} == CRD_KINDS
+
+
+CRD_VALIDATION = Path(__file__).parent / "crd_validation"
+
+
+def validate_crd_objects(docs: list[dict]) -> subprocess.CompletedProcess:
+    node = shutil.which("node")
+    if node is None or not (CRD_VALIDATION / "node_modules").is_dir():
+        pytest.skip("CRD schema validators need node and `npm ci --prefix tests/compose/crd_validation` (.ci/run does both)")
+    return subprocess.run(
+        [node, "validate.mjs"], input=json.dumps(docs), cwd=CRD_VALIDATION, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_keda_and_prometheus_operator_objects_pass_their_crd_schemas(k8s_docs):
+    crds = [d for d in k8s_docs if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    result = validate_crd_objects(crds)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split("\n")[:-1]) == sorted(f"valid {d['kind']}/{d['metadata']['name']}" for d in crds)
+    # The validators do reject what KEDA would: a threshold must be a string, replicas a number.
+    broken = json.loads(json.dumps(find(crds, "ScaledObject", "loraplex-shard")))
+    broken["spec"]["triggers"][0]["metadata"]["threshold"] = 8
+    rejected = validate_crd_objects([broken])
+    assert rejected.returncode == 1 and "threshold must be string" in rejected.stderr
 
 
 def test_the_base_builds_alone_and_everything_is_in_the_namespace(k8s_tree, k8s_docs):
