@@ -404,3 +404,35 @@ def test_gpu_nodes_component_pins_the_gpu_type_and_runtime_class(k8s_docs):
     assert expression["key"] == "nvidia.com/gpu.product" and expression["operator"] == "In" and expression["values"]
     # The patch adds to the base's anti-affinity and GPU toleration instead of replacing them.
     assert spec["affinity"]["podAntiAffinity"] and spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_base_model_from_an_image_copies_once_and_skips_after(k8s_tree, tmp_path):
+    overlay = k8s_tree / "overlays" / "from-image"
+    overlay.mkdir()
+    overlay.joinpath("kustomization.yaml").write_text(
+        "resources: [../../base]\ncomponents: [../../components/base-model-from-image]\n"
+    )
+    docs = kustomize_build(overlay)
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extras) is not installed")
+    job = find(docs, "Job", "loraplex-base-model-fill")
+    kubernetes_validate.validate(job, KUBERNETES_VERSIONS[-1], strict=True)
+    (fill,) = pod_spec(job)["containers"]
+    assert fill["securityContext"]["readOnlyRootFilesystem"] is True and "envFrom" not in fill
+    assert {"name": "base-model", "mountPath": "/target"} in fill["volumeMounts"]
+    image = {e["name"]: e["value"] for e in fill["env"]}["MODEL_IMAGE"]
+    assert image == fill["image"]
+    # Run the script with the image's /models and the volume as local folders.
+    source, target = tmp_path / "image-models", tmp_path / "volume"
+    (source / "sub").mkdir(parents=True)
+    target.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "sub" / "model.safetensors").write_bytes(b"weights")
+    script = fill["command"][-1].replace("/models", str(source)).replace("/target", str(target))
+    runs = [
+        subprocess.run(["sh", "-ec", script], env={"PATH": "/usr/bin:/bin", "MODEL_IMAGE": image},
+                       capture_output=True, text=True, timeout=10, check=True).stdout
+        for _ in range(2)
+    ]
+    assert "base model copied" in runs[0] and "already copied" in runs[1]
+    assert (target / "sub" / "model.safetensors").read_bytes() == b"weights"
+    assert (target / ".loraplex-complete").read_text() == image
