@@ -73,6 +73,7 @@ def test_compose_services_load_into_the_real_settings(compose):
     assert gateway.tenants_file.startswith("/etc/loraplex/tenants/")
     # Shared limits: the Redis URL names the valkey service; the admin port is not published.
     assert gateway.redis_url.startswith("redis://valkey:6379/") and gateway.workers >= 2
+    assert gateway.redis_failure_policy == "open"
     assert str(gateway.admin_port) in services["gateway"]["expose"]
     assert [p["target"] for p in services["gateway"]["ports"]] == [gateway.port]
     # Every shard address is a compose service listening on that port.
