@@ -19,8 +19,8 @@ from conftest import OVERLAY, kustomize_build, k8s_tree_with_secrets, read_env_f
 from gateway.settings import GatewaySettings
 from shard.settings import ShardSettings
 
-# The oldest Kubernetes the manifests promise (gRPC probes are GA from 1.27; sidecar-free) and
-# the newest schema kubernetes-validate ships.
+# An old Kubernetes still in support at many providers (gRPC probes are GA from 1.27) and the
+# newest schema kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
