@@ -15,7 +15,7 @@ import tomllib
 
 import pytest
 import yaml
-from conftest import COMPOSE_DIR, REPO, SECRET_VALUES, run_compose_config
+from deploy_files import COMPOSE_DIR, REPO, SECRET_VALUES, run_compose_config
 
 from gateway.settings import GatewaySettings
 from gateway.tenants import TenantsFileError, parse_tenants, sha256_hex

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import OVERLAY, kustomize_build, k8s_tree_with_secrets, read_env_file
+from deploy_files import OVERLAY, kustomize_build, k8s_tree_with_secrets, read_env_file
 
 from gateway.settings import GatewaySettings
 from shard.settings import ShardSettings
