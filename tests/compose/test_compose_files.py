@@ -146,6 +146,17 @@ def test_no_secret_reaches_a_command_line_or_a_container_environment(compose):
     assert set(compose["secrets"]) == {"postgres_password", "minio_root_password", "grafana_admin_password"}
 
 
+def test_loraplex_containers_run_without_capabilities_on_a_read_only_root(compose):
+    for name in (*SHARDS, "gateway"):
+        service = compose["services"][name]
+        assert service["cap_drop"] == ["ALL"] and service["security_opt"] == ["no-new-privileges:true"], name
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+        writable = {v["target"] for v in service["volumes"] if not v.get("read_only")} | set(service["tmpfs"])
+        settings = env_of(service)
+        for path in (settings.get("LORAPLEX_SHARD_ADAPTER_CACHE_DIR"), settings.get("LORAPLEX_GATEWAY_REGISTRY_CACHE_DIR")):
+            assert path is None or path in writable, (name, path)
+
+
 def test_mlflow_entrypoint_turns_secret_files_into_the_variables_libpq_and_boto3_read(tmp_path):
     secret = tmp_path / "pgpass"
     secret.write_text("p@ss word")
