@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -42,6 +43,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 GOAL_P50_ADDED_MS = 2.0
+GOAL_GATEWAY_CPU_MS = 0.25  # gateway CPU per non-streamed request, at the full profile's clients
+GOAL_P50_ADDED_MS_1_CLIENT = 1.0
 LOOPBACK = "127.0.0.1"
 
 
@@ -250,16 +253,11 @@ class BenchProcesses:
     def clean_env() -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_SHARD_", "LORAPLEX_GATEWAY_"))}
 
-    def start_gateway(self) -> None:
-        from loraplex.stack.local_stack import gateway_is_ready
-        from loraplex.stack.ports import free_port
-        from loraplex.stack.processes import ManagedProcess
-
-        gateway_port, admin_port = free_port(), free_port()
-        gateway_env = {
+    def gateway_env(self, port: int, admin_port: int) -> dict[str, str]:
+        return {
             **self.clean_env(),
             "LORAPLEX_GATEWAY_HOST": LOOPBACK,
-            "LORAPLEX_GATEWAY_PORT": str(gateway_port),
+            "LORAPLEX_GATEWAY_PORT": str(port),
             "LORAPLEX_GATEWAY_ADMIN_PORT": str(admin_port),
             "LORAPLEX_GATEWAY_SHARD_ADDRESSES": self.shard_address,
             "LORAPLEX_GATEWAY_TENANTS_FILE": str(self.work_dir / "tenants.yaml"),
@@ -267,15 +265,37 @@ class BenchProcesses:
             "LORAPLEX_GATEWAY_WORKERS": str(self.gateway_workers),
             "LORAPLEX_GATEWAY_REDIS_URL": self.redis_url,
         }
+
+    def start_gateway(self) -> None:
+        from loraplex.stack.local_stack import gateway_is_ready
+        from loraplex.stack.ports import free_port
+        from loraplex.stack.processes import ManagedProcess
+
+        gateway_port, admin_port = free_port(), free_port()
         self.gateway = ManagedProcess(
             "gateway",
             [sys.executable, "-m", "gateway", "--log-level", "warning"],
             log_path=self.work_dir / "logs" / f"gateway-{self.gateway_workers}w.log",
-            env=gateway_env,
+            env=self.gateway_env(gateway_port, admin_port),
         )
         self.gateway.start()
         self.gateway_url = f"http://{LOOPBACK}:{gateway_port}"
         self.gateway.wait_until(lambda: gateway_is_ready(self.gateway_url), 120)
+
+    def start_profiled_gateway(self, profile_path: Path):
+        """One more gateway process (one worker) under bench/gateway_profile.py's profiler; (process, URL)."""
+        from loraplex.stack.ports import free_port
+        from loraplex.stack.processes import ManagedProcess
+
+        port, admin_port = free_port(), free_port()
+        process = ManagedProcess(
+            "gateway-profiled",
+            [sys.executable, "-m", "bench.gateway_profile", str(profile_path), "--log-level", "warning"],
+            log_path=self.work_dir / "logs" / "gateway-profiled.log",
+            env={**self.gateway_env(port, admin_port), "LORAPLEX_GATEWAY_WORKERS": "1"},
+        )
+        process.start()
+        return process, f"http://{LOOPBACK}:{port}"
 
     def restart_gateway(self, workers: int) -> None:
         self.gateway.stop()
@@ -470,6 +490,39 @@ async def measure(processes: BenchProcesses, profile: Profile, prompt: str, log=
     }
 
 
+def profile_gateway(processes: BenchProcesses, profile: Profile, prompt: str, log=print) -> dict:
+    """One batch of the same load through a second gateway process, profiled (bench/gateway_profile.py)."""
+    from loraplex.stack.local_stack import gateway_is_ready
+
+    from bench.gateway_profile import summarize
+
+    out = processes.work_dir / "gateway.prof"
+    process, url = processes.start_profiled_gateway(out)
+    try:
+        process.wait_until(lambda: gateway_is_ready(url), 120)
+        async def batches() -> int:
+            path = gateway_path_class()(url, processes.api_key, prompt, profile.max_tokens, profile.concurrency)
+            try:
+                await run_batch(path, profile.warmup_requests, profile.concurrency)
+                os.kill(process.pid, signal.SIGUSR1)
+                batch = await run_batch(path, profile.requests_per_batch, profile.concurrency)
+                os.kill(process.pid, signal.SIGUSR2)
+            finally:
+                await path.close()
+            if batch["errors"]:
+                raise RuntimeError(f"profiled requests failed: {batch['errors'][:3]}")
+            return len(batch["latencies"])
+
+        requests = asyncio.run(batches())
+        process.wait_until(lambda: out.exists() and out.stat().st_size > 0, 30)
+        time.sleep(0.5)  # the dump is written by the signal handler; let it finish
+    finally:
+        process.stop()
+    summary = summarize(out, requests)
+    log(f"profile ({profile.concurrency} clients, {requests} requests): " + ", ".join(f"{p} {s:.0%}" for p, s in list(summary["share_by_package"].items())[:6]))
+    return {"clients": profile.concurrency, **summary}
+
+
 def analysis(measurement: dict) -> dict:
     """Why the added latency is what it is: in a closed loop of N clients latency ~ N / throughput,
     and on a machine whose cores the shard, the gateway and the clients share, throughput falls by
@@ -528,6 +581,7 @@ def write_outputs(result: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def run(profile: Profile, out_dir: Path, work_dir: Path | None = None, log=print) -> dict:
+    from bench.machine import machine_info
     from loraplex.demo import ensure_demo_assets
 
     assets = ensure_demo_assets(progress=False)
@@ -542,6 +596,7 @@ def run(profile: Profile, out_dir: Path, work_dir: Path | None = None, log=print
             log("unpinned: shard, gateway and clients share every core")
             measurement = asyncio.run(measure(processes, profile, "Q: hi\nA:", log))
             single_measurement = asyncio.run(measure(processes, single, "Q: hi\nA:", log))
+            gateway_profile = profile_gateway(processes, profile, "Q: hi\nA:", log)
             if layout is not None:
                 log(f"pinned: shard on cpus {sorted(layout['shard'])}, gateway and clients on cpus {sorted(layout['gateway'])}")
                 with Pinned(processes, layout):
@@ -554,15 +609,25 @@ def run(profile: Profile, out_dir: Path, work_dir: Path | None = None, log=print
                     "analysis": analysis(pinned_measurement),
                 }
     added = measurement["added_ms"]
+    gateway_cpu_ms = measurement["cpu_ms_per_request"]["gateway"]["gateway"]
     result = {
         "benchmark": "gateway_overhead",
         "profile": asdict(profile),
-        "goal": {"added_p50_ms_at_most": GOAL_P50_ADDED_MS, "met": added["p50"] <= GOAL_P50_ADDED_MS},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "goal": {
+            "added_p50_ms_at_most": GOAL_P50_ADDED_MS,
+            "met": added["p50"] <= GOAL_P50_ADDED_MS,
+            "gateway_cpu_ms_per_request_at_most": GOAL_GATEWAY_CPU_MS,
+            "met_cpu": gateway_cpu_ms <= GOAL_GATEWAY_CPU_MS,
+            "added_p50_ms_at_1_client_at_most": GOAL_P50_ADDED_MS_1_CLIENT,
+            "met_1_client": single_measurement["added_ms"]["p50"] <= GOAL_P50_ADDED_MS_1_CLIENT,
+        },
+        "machine": {**machine_info(), "python": platform.python_version()},
         "measurement": measurement,
         "single_client": {k: v for k, v in single_measurement.items() if k != "latencies_ms"},
         "analysis": analysis(measurement),
         "pinned": pinned,
+        # Where the gateway's CPU goes, as shares of a profiled run (bench/gateway_profile.py).
+        "gateway_profile": gateway_profile,
         "summary": summarize(measurement, single_measurement, pinned),
     }
     if pinned is not None:

@@ -26,6 +26,12 @@ def test_toy_run_measures_both_paths_interleaved_and_writes_json_and_png(tmp_pat
         assert r["added_p50_ms"] == r["gateway"]["p50"] - r["direct"]["p50"]
     assert set(measurement["added_ms"]) >= {"p50", "p99", "pooled_p50", "pooled_p99"}
     assert result["goal"]["met"] == (measurement["added_ms"]["p50"] <= result["goal"]["added_p50_ms_at_most"])
+    profile = result["gateway_profile"]
+    assert profile["requests"] == TOY.requests_per_batch and profile["profiled_cpu_ms_per_request"] > 0
+    assert abs(sum(profile["share_by_package"].values()) - 1.0) < 0.01
+    assert {"gateway", "litestar", "grpc"} <= set(profile["share_by_package"])
+    assert profile["top_functions_by_own_time"][0]["own_ms_per_request"] > 0
+    assert result["machine"]["cpu"] and "met_cpu" in result["goal"]
     saved = json.loads((out / "gateway_overhead.json").read_text())
     assert saved["profile"]["concurrency"] == TOY.concurrency
     assert (out / "gateway_overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
