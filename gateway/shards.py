@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import msgspec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.placement import PlacementRing
@@ -82,19 +83,34 @@ class ShardState:
     failures: int = 0
     key_in_flight: Counter = field(default_factory=Counter)
 
-    def describe(self) -> dict:
-        return {
-            "id": self.shard_id,
-            "address": self.address,
-            "healthy": self.healthy,
-            "in_flight": self.in_flight,
-            "served": self.served,
-            "failures": self.failures,
-            "last_error": self.last_error,
-            "last_change_unix": self.last_change_unix,
-            "last_check_unix": self.last_check_unix,
-            "adapters_in_flight": dict(self.key_in_flight),
-        }
+    def describe(self) -> ShardView:
+        return ShardView(
+            self.shard_id,
+            self.address,
+            self.healthy,
+            self.in_flight,
+            self.served,
+            self.failures,
+            self.last_error,
+            self.last_change_unix,
+            self.last_check_unix,
+            dict(self.key_in_flight),
+        )
+
+
+class ShardView(msgspec.Struct):
+    """A shard as the admin API shows it."""
+
+    id: str
+    address: str
+    healthy: bool
+    in_flight: int
+    served: int
+    failures: int
+    last_error: str
+    last_change_unix: float
+    last_check_unix: float
+    adapters_in_flight: dict[str, int]
 
 
 class ShardPool:

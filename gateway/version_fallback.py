@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+import msgspec
+
 from gateway.routing import VersionChoice
 
 FALLBACK_ASSIGNMENTS = frozenset({"champion", "canary"})
@@ -87,11 +89,19 @@ class LastGoodVersions:
                 return fallback
         return choice
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> VersionFallbacks:
         now = self._clock()
         with self._lock:
-            return {
-                "last_good": dict(self._last_good),
-                "refused": {f"{a}@{v}": round(until - now, 1) for (a, v), until in self._refused_until.items() if until > now},
-                "fallbacks": self.fallbacks,
-            }
+            return VersionFallbacks(
+                dict(self._last_good),
+                {f"{a}@{v}": round(until - now, 1) for (a, v), until in self._refused_until.items() if until > now},
+                self.fallbacks,
+            )
+
+
+class VersionFallbacks(msgspec.Struct):
+    """Versions the shards refused (seconds until they are tried again) and the last good ones serving instead."""
+
+    last_good: dict[str, str]
+    refused: dict[str, float]
+    fallbacks: int

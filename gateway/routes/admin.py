@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -20,6 +19,9 @@ from gateway.parts import GatewayParts, Parts
 from gateway.routes.authentication import EXCLUDE_FROM_AUTH
 from gateway.routes.operation_docs import DocumentedOperation
 from gateway.routes.responses import ADMIN_ERRORS, error_responses
+from gateway.shadow import ShadowPair
+from gateway.shards import ShardView
+from gateway.version_fallback import VersionFallbacks
 from protos import shard_pb2
 
 ADMIN_TIMEOUT_S = 60.0
@@ -32,6 +34,57 @@ class AdapterAction(Struct, kw_only=True):
     replicas: Annotated[int, Meta(ge=1)] = 1
     pin: bool = True  # /pin: pin (true) or unpin (false); /load: load pinned
     unpin_only: bool = False  # /unload: keep it cached, just allow eviction
+
+
+class RingView(Struct):
+    members: list[str]
+    virtual_nodes: int
+    epsilon: float
+    hot_inflight: int
+
+
+class ShardsView(Struct):
+    shards: list[ShardView]
+    ring: RingView
+    placement: dict[str, list[str]]  # adapter@version -> its shards in ring order
+    version_fallback: VersionFallbacks  # versions the shards refused and the last good ones serving instead
+
+
+class ShardAdapters(Struct):
+    """A shard's ListAdapters answer (its fields as protobuf's JSON mapping names them)."""
+
+    shard: str
+    adapters: list[dict[str, Any]]
+    tiers: list[dict[str, Any]]
+
+
+class AdapterActionResult(Struct, omit_defaults=True):
+    adapter: str
+    version: str
+    shards: dict[str, dict[str, Any]]  # shard -> {"ok": true, ...its answer} or {"ok": false, code, message}
+    pinned: bool | None = None
+
+
+class AdapterAliases(Struct):
+    champion: str | None
+    canary: str | None
+    shadow: str | None
+    canary_percent: float
+
+
+class RoutingReload(Struct):
+    adapters: dict[str, AdapterAliases]
+    stale: bool
+    tenants_reloaded: bool
+    tenants_error: str | None
+
+
+class ShadowView(Struct):
+    adapter: str
+    aggregates: dict[str, dict[str, float]]  # adapter@shadow version -> agreement, latency, pairs
+    pairs: list[ShadowPair]
+    running: int
+    dropped: int
 
 
 def _targets(parts: GatewayParts, action: AdapterAction) -> tuple[str, list[str]]:
@@ -64,24 +117,23 @@ async def _on_shards(parts: GatewayParts, shards: list[str], call) -> dict:
 
 
 @get("/shards", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, summary="Shards, their health and the placement ring")
-async def list_shards(parts: Parts) -> dict:
+async def list_shards(parts: Parts) -> ShardsView:
     ring = parts.pool.ring
     placement = {}
     for name, route in parts.routing_source.current().adapters.items():
         for version in route.alias_versions().values():
             key = f"{name}@{version}"
             placement[key] = ring.ring_order(key)
-    return {
-        "shards": [s.describe() for s in parts.pool.all()],
-        "ring": {"members": ring.shards, "virtual_nodes": ring.virtual_nodes, "epsilon": ring.epsilon, "hot_inflight": ring.hot_inflight},
-        "placement": placement,
-        # Versions the shards refused and the last good ones serving in their place.
-        "version_fallback": parts.service.last_good.snapshot(),
-    }
+    return ShardsView(
+        [s.describe() for s in parts.pool.all()],
+        RingView(ring.shards, ring.virtual_nodes, ring.epsilon, ring.hot_inflight),
+        placement,
+        parts.service.last_good.snapshot(),
+    )
 
 
 @get("/shards/{shard_id:str}/adapters", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, summary="A shard's adapter cache (ListAdapters)")
-async def shard_adapters(shard_id: FromPath[str], parts: Parts) -> dict:
+async def shard_adapters(shard_id: FromPath[str], parts: Parts) -> ShardAdapters:
     state = parts.pool.get(shard_id)
     if state is None:
         raise OpenAIError(404, f"Unknown shard {shard_id!r}.", "invalid_request_error", "shard_not_found")
@@ -89,20 +141,21 @@ async def shard_adapters(shard_id: FromPath[str], parts: Parts) -> dict:
         reply = await state.stub.ListAdapters(shard_pb2.ListAdaptersRequest(), timeout=ADMIN_TIMEOUT_S)
     except grpc.aio.AioRpcError as exc:
         raise errors.from_grpc(exc.code(), exc.details() or "", shard_id) from exc
-    return {"shard": shard_id, **MessageToDict(reply, preserving_proto_field_name=True)}
+    listed = MessageToDict(reply, preserving_proto_field_name=True)
+    return ShardAdapters(shard_id, listed.get("adapters", []), listed.get("tiers", []))
 
 
 @post("/adapters/load", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Load an adapter version on the shards that own it")
-async def load_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
+async def load_adapter(data: JSONBody[AdapterAction], parts: Parts) -> AdapterActionResult:
     version, shards = _targets(parts, data)
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
     req = shard_pb2.LoadAdapterRequest(adapter=ref, pin=data.pin)
     results = await _on_shards(parts, shards, lambda stub: stub.LoadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    return {"adapter": data.adapter, "version": version, "shards": results}
+    return AdapterActionResult(data.adapter, version, results)
 
 
 @post("/adapters/unload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Unload (or only unpin) an adapter version on shards")
-async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
+async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts) -> AdapterActionResult:
     if not data.version:
         raise bad_request("'version' is required to unload.", "version")
     version, shards = _targets(parts, data)
@@ -111,11 +164,11 @@ async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
     req = shard_pb2.UnloadAdapterRequest(adapter=ref, unpin_only=data.unpin_only)
     results = await _on_shards(parts, shards, lambda stub: stub.UnloadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    return {"adapter": data.adapter, "version": version, "shards": results}
+    return AdapterActionResult(data.adapter, version, results)
 
 
 @post("/adapters/pin", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Pin (pin=true) or unpin (pin=false) an adapter version")
-async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
+async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts) -> AdapterActionResult:
     version, shards = _targets(parts, data)
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
     if data.pin:
@@ -124,31 +177,22 @@ async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts) -> dict:
     else:
         req = shard_pb2.UnloadAdapterRequest(adapter=ref, unpin_only=True)
         results = await _on_shards(parts, parts.pool.healthy_shards(), lambda stub: stub.UnloadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    return {"adapter": data.adapter, "version": version, "pinned": data.pin, "shards": results}
+    return AdapterActionResult(data.adapter, version, results, data.pin)
 
 
 @post("/routing/reload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Re-read the routing table and the tenants file now")
-async def reload_routing(parts: Parts) -> dict:
+async def reload_routing(parts: Parts) -> RoutingReload:
     source = parts.routing_source
     await asyncio.to_thread(source.poll_now)
     tenants_reloaded = parts.tenants.refresh()
-    adapters = {
-        name: {"champion": r.champion, "canary": r.canary, "shadow": r.shadow, "canary_percent": r.canary_percent}
-        for name, r in source.current().adapters.items()
-    }
-    return {"adapters": adapters, "stale": bool(source.is_stale), "tenants_reloaded": tenants_reloaded, "tenants_error": parts.tenants.last_error}
+    adapters = {name: AdapterAliases(r.champion, r.canary, r.shadow, r.canary_percent) for name, r in source.current().adapters.items()}
+    return RoutingReload(adapters, source.is_stale, tenants_reloaded, parts.tenants.last_error)
 
 
 @get("/shadow", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, summary="Recent shadow pairs and aggregates for an adapter")
-async def shadow_pairs(adapter: FromQuery[str], parts: Parts) -> dict:
+async def shadow_pairs(adapter: FromQuery[str], parts: Parts) -> ShadowView:
     recorder = parts.shadow_recorder
-    return {
-        "adapter": adapter,
-        "aggregates": recorder.aggregates(adapter),
-        "pairs": [asdict(p) for p in recorder.recent(adapter)],
-        "running": parts.shadow.running,
-        "dropped": parts.shadow.dropped,
-    }
+    return ShadowView(adapter, recorder.aggregates(adapter), recorder.recent(adapter), parts.shadow.running, parts.shadow.dropped)
 
 
 @get(

@@ -53,7 +53,7 @@ def test_a_shard_restarted_on_a_new_address_gets_its_own_adapters_back():
 
                 after = {key: pool.ring.owners(key)[0] for key in KEYS}
                 back = pool.get("loraplex-shard-1")
-                views = {view["address"]: view for view in (s.describe() for s in pool.all())}
+                views = {view.address: view for view in (s.describe() for s in pool.all())}
                 return before, after, back.address, views
             finally:
                 await pool.stop()
@@ -61,7 +61,7 @@ def test_a_shard_restarted_on_a_new_address_gets_its_own_adapters_back():
         before, after, address, views = asyncio.run(run())
         assert after == before
         assert address == replacement.address
-        assert views[replacement.address]["id"] == "loraplex-shard-1" and views[replacement.address]["healthy"]
+        assert views[replacement.address].id == "loraplex-shard-1" and views[replacement.address].healthy
         assert set(views) == {servers[0].address, replacement.address, servers[2].address}
     finally:
         for server in [*servers, *([replacement] if replacement else [])]:
@@ -82,8 +82,8 @@ def test_a_second_live_shard_with_the_same_id_stays_out_of_the_ring():
 
         healthy, views = asyncio.run(run())
         assert healthy == ["shard-0"]
-        refused = [v for v in views.values() if not v["healthy"]]
-        assert len(refused) == 1 and "'shard-0' is already served by" in refused[0]["last_error"]
+        refused = [v for v in views.values() if not v.healthy]
+        assert len(refused) == 1 and "'shard-0' is already served by" in refused[0].last_error
     finally:
         first.close()
         twin.close()
