@@ -26,7 +26,7 @@ from gateway.placement import PlacementRing
 from gateway.routing import VersionRouter
 from gateway.routing_source import RoutingSource, StaticRoutingSource
 from gateway.settings import GatewaySettings, SettingsError
-from gateway.shadow import LocalShadowAggregates, SharedShadowAggregates, ShadowMode, ShadowRecorder
+from gateway.shadow import LocalShadowAggregates, SharedShadowAggregates, ShadowLog, ShadowMode, ShadowRecorder
 from gateway.shared_limits import SharedTenantLimiter
 from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
 from gateway.tenant_limits import LocalTenantLimiter, TenantLimiter
@@ -83,6 +83,7 @@ class GatewayParts:
                 await task
         self._background.clear()
         await self.shadow.stop()
+        self.shadow_recorder.close()
         await self.limiter.stop()
         if self.store is not None:
             await self.store.aclose()
@@ -133,8 +134,13 @@ def build_parts(
         shadow_metrics = ShadowMetricsLogger(settings.registry_tracking_uri)
         on_shadow_aggregate = shadow_metrics.submit
     store = shared_store.connect(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
+    shadow_log = (
+        ShadowLog(settings.shadow_log_path, settings.shadow_log_max_bytes, settings.shadow_log_backup_count)
+        if settings.shadow_log_path
+        else None
+    )
     recorder = ShadowRecorder(
-        settings.shadow_log_path or None,
+        shadow_log,
         settings.shadow_recent_pairs,
         on_shadow_aggregate,
         settings.shadow_aggregate_every,

@@ -58,6 +58,10 @@ class GatewaySettings(LayeredSettings):
     # Shadow mode.
     shadow_sample_share: float = 1.0
     shadow_log_path: str = ""
+    # The log rotates past this many bytes and keeps this many rotated files (`.1` newest): at most
+    # (backup_count + 1) x max_bytes on disk.
+    shadow_log_max_bytes: int = 64 * 1024 * 1024
+    shadow_log_backup_count: int = 3
     shadow_max_concurrency: int = 4
     shadow_recent_pairs: int = 100
     shadow_aggregate_every: int = 10  # pairs of one (adapter, shadow version) between MLflow metric logs
@@ -87,9 +91,12 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError(f"admin_port must differ from port ({self.port})")
         if not 0.0 <= self.shadow_sample_share <= 1.0:
             raise SettingsError("shadow_sample_share must be within [0, 1]")
-        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every"):
+        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every", "shadow_log_max_bytes"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.shadow_log_backup_count < 1:
+            # 0 would make the standard handler never roll over: the file would grow without bound.
+            raise SettingsError("shadow_log_backup_count must be >= 1")
         if self.default_chat_max_tokens < 0:
             raise SettingsError("default_chat_max_tokens must be >= 0")
         if self.ring_load_epsilon <= 0:

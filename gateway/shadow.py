@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.handlers
 import random
 import threading
 import time
@@ -130,6 +131,32 @@ class SharedShadowAggregates:
         return ShadowAggregate(int(pairs), int(exact), float(agreement), float(primary), float(shadow))
 
 
+class ShadowLog:
+    """The pairs as JSON lines in a file bounded by bytes: past `max_bytes` the file is renamed to
+    `.1` (`.1` to `.2`, ...) and the oldest beyond `backup_count` is deleted - the standard library's
+    `RotatingFileHandler`, which rolls over before a line would cross the bound, so a file exceeds
+    `max_bytes` only by a single line longer than the bound. On disk: at most `backup_count + 1` files.
+
+    Several worker processes writing one path each roll over on their own count; a process still
+    writing to a file another renamed keeps that file open until its own rollover, so the disk used
+    stays below (backup_count + 1 + workers) x max_bytes."""
+
+    def __init__(self, path: str | Path, max_bytes: int, backup_count: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handler = logging.handlers.RotatingFileHandler(
+            self.path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8", delay=True
+        )
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+
+    def write(self, pair: ShadowPair) -> None:
+        record = logging.makeLogRecord({"msg": json.dumps(asdict(pair)), "levelno": logging.INFO})
+        self._handler.handle(record)
+
+    def close(self) -> None:
+        self._handler.close()
+
+
 class ShadowRecorder:
     """Writes pairs as JSON lines, keeps recent pairs, and counts them in per-(adapter, shadow version)
     aggregates (`LocalShadowAggregates`, or `SharedShadowAggregates` across processes).
@@ -141,27 +168,24 @@ class ShadowRecorder:
 
     def __init__(
         self,
-        log_path: str | Path | None = None,
+        log: ShadowLog | None = None,
         recent_pairs: int = 100,
         on_aggregate: Callable[[str, str, dict[str, float]], None] | None = None,
         aggregate_every: int = 10,
         aggregates: LocalShadowAggregates | SharedShadowAggregates | None = None,
     ):
-        self.log_path = Path(log_path) if log_path else None
+        self.log = log
         self.on_aggregate = on_aggregate
         self.aggregate_every = max(1, aggregate_every)
         self._store = aggregates or LocalShadowAggregates()
         self._recent: dict[str, deque[ShadowPair]] = defaultdict(lambda: deque(maxlen=recent_pairs))
         self._latest: dict[tuple[str, str], ShadowAggregate] = {}  # the newest totals this process saw
         self._lock = threading.Lock()
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
 
     async def record(self, pair: ShadowPair) -> None:
         with self._lock:
-            if self.log_path:
-                with self.log_path.open("a") as f:
-                    f.write(json.dumps(asdict(pair)) + "\n")
+            if self.log is not None:
+                self.log.write(pair)
             self._recent[pair.adapter].append(pair)
         aggregate = await self._store.add(pair)
         if aggregate is None:
@@ -175,6 +199,10 @@ class ShadowRecorder:
                 self.on_aggregate(pair.adapter, pair.shadow_version, aggregate.metrics())
             except Exception:  # the sink is best effort: serving must not notice it failing
                 log.exception("shadow aggregate sink failed for %s@%s", pair.adapter, pair.shadow_version)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
     def recent(self, adapter: str) -> list[ShadowPair]:
         with self._lock:

@@ -17,7 +17,7 @@ from gateway.placement import PlacementRing
 from gateway.routing import VersionRouter, canary_bucket
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings, SettingsError
-from gateway.shadow import ShadowPair, ShadowRecorder, compare_outputs
+from gateway.shadow import ShadowLog, ShadowPair, ShadowRecorder, compare_outputs
 from gateway.tenant_limits import LocalTenantLimiter
 from gateway.tenants import TenantDirectory, TenantLimits, Tenant, TenantsFileError, parse_tenants, sha256_hex
 from gateway_fixtures import ACME_KEY, ADMIN_KEY, LIMITED_KEY, WILDCARD_KEY, tenants_yaml
@@ -209,7 +209,7 @@ def test_compare_outputs():
 
 def test_recorder_writes_jsonl_aggregates_and_calls_sink(tmp_path):
     calls = []
-    recorder = ShadowRecorder(tmp_path / "s.jsonl", recent_pairs=3, on_aggregate=lambda *a: calls.append(a), aggregate_every=2)
+    recorder = ShadowRecorder(ShadowLog(tmp_path / "s.jsonl", 1 << 20, 1), recent_pairs=3, on_aggregate=lambda *a: calls.append(a), aggregate_every=2)
     for i in range(4):
         pair = ShadowPair(f"r{i}", "acme", "legal", "1", "2", "a", "a" if i % 2 else "b", bool(i % 2), 1.0 if i % 2 else 0.0, 10.0, 20.0, 0.0)
         asyncio.run(recorder.record(pair))
@@ -218,6 +218,36 @@ def test_recorder_writes_jsonl_aggregates_and_calls_sink(tmp_path):
     agg = recorder.aggregates("legal")["legal@2"]
     assert agg["shadow_pairs"] == 4 and agg["shadow_exact_match_rate"] == 0.5 and agg["shadow_latency_ms"] == 20.0
     assert [c[:2] for c in calls] == [("legal", "2"), ("legal", "2")] and len(recorder.recent("legal")) == 3
+
+
+def test_shadow_log_rotates_past_its_byte_bound_and_keeps_backup_count_files(tmp_path):
+    max_bytes, backups = 4096, 2
+    log = ShadowLog(tmp_path / "shadow" / "pairs.jsonl", max_bytes, backups)
+    written = []
+    for i in range(200):  # ~300 bytes a line: ~60 KB, many times the 3 files' bound
+        pair = ShadowPair(f"r{i}", "acme", "legal", "1", "2", "x" * 80, "y" * 80, False, 0.5, 10.0, 20.0, float(i))
+        log.write(pair)
+        written.append(pair)
+    log.close()
+    files = sorted(p.name for p in (tmp_path / "shadow").iterdir())
+    assert files == ["pairs.jsonl", "pairs.jsonl.1", "pairs.jsonl.2"]
+    for name in files:
+        assert 0 < (tmp_path / "shadow" / name).stat().st_size <= max_bytes
+    # What is kept is the newest pairs, in order from `.2` (oldest) to the live file, each line whole JSON.
+    kept = [
+        msgspec.json.decode(line)["request_id"]
+        for name in ("pairs.jsonl.2", "pairs.jsonl.1", "pairs.jsonl")
+        for line in (tmp_path / "shadow" / name).read_text().splitlines()
+    ]
+    assert kept == [p.request_id for p in written[-len(kept):]] and kept[-1] == "r199"
+    assert len(kept) < len(written)
+
+
+def test_shadow_log_settings_refuse_an_unbounded_log():
+    with pytest.raises(SettingsError, match="shadow_log_backup_count"):
+        GatewaySettings.from_mapping({"shadow_log_backup_count": 0})
+    with pytest.raises(SettingsError, match="shadow_log_max_bytes"):
+        GatewaySettings.from_mapping({"shadow_log_max_bytes": 0})
 
 
 # errors ----------------------------------------------------------------------------------------

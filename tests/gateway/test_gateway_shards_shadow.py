@@ -14,7 +14,7 @@ from gateway.dispatch import Dispatcher, GenerationJob
 from gateway.placement import PlacementRing
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings
-from gateway.shadow import ShadowMode, ShadowRecorder
+from gateway.shadow import ShadowLog, ShadowMode, ShadowRecorder
 from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
 
 
@@ -36,7 +36,7 @@ def test_shadow_is_shed_when_its_pool_is_full(shard_servers, tmp_path):
     async def run():
         pool = ShardPool(StaticDiscovery([s.address for s in shard_servers]), PlacementRing(), 0.1, 0.5)
         await pool.start()
-        recorder = ShadowRecorder(tmp_path / "pairs.jsonl")
+        recorder = ShadowRecorder(ShadowLog(tmp_path / "pairs.jsonl", 1 << 20, 1))
         shadow = ShadowMode(Dispatcher(pool, 10.0), recorder, sample_share=1.0, max_concurrency=1)
         job = GenerationJob("r1", "legal", "1", prompt="x", max_tokens=2)
         primary = asyncio.get_running_loop().create_future()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from gateway.shadow import ShadowPair, ShadowRecorder, SharedShadowAggregates
+from gateway.shadow import ShadowLog, ShadowPair, ShadowRecorder, SharedShadowAggregates
 from gateway.shared_store import connect
 from loraplex.stack.ports import free_port
 
@@ -55,7 +55,7 @@ def test_pairs_are_still_recorded_while_the_store_is_down(tmp_path):
     async def scenario():
         client = connect(f"redis://127.0.0.1:{free_port()}/0")
         logged = []
-        recorder = ShadowRecorder(tmp_path / "pairs.jsonl", on_aggregate=lambda *a: logged.append(a), aggregate_every=1, aggregates=SharedShadowAggregates(client))
+        recorder = ShadowRecorder(ShadowLog(tmp_path / "pairs.jsonl", 1 << 20, 1), on_aggregate=lambda *a: logged.append(a), aggregate_every=1, aggregates=SharedShadowAggregates(client))
         try:
             await recorder.record(pair("legal", 0))
         finally:
