@@ -10,7 +10,7 @@ DEPS_HASH := $(shell $(PYTHON) -c "import hashlib,sys;print(hashlib.sha256(open(
 STAMP := $(VENV)/.deps-$(DEPS_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-unit test-e2e protos bench bench-quick clean
+.PHONY: venv run test test-unit test-e2e protos bench bench-quick bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: venv
 
 bench-quick: venv
 	$(BIN)/python -m bench --quick
+
+# loraplex against vLLM's CPU build (installed into its own venv under the benchmark cache on
+# first use); PEERS_ARGS="--pairs 1 --dtypes bf16" for a quick run.
+bench-peers: venv
+	$(BIN)/python -m bench.peers $(PEERS_ARGS)
 
 clean:
 	rm -rf .state

@@ -140,3 +140,33 @@ def toy_profile(name: str = "toy") -> BenchProfile:
         curve_new_tokens=(1, 3),
         curve_rounds=2,
     )
+
+
+@dataclass(frozen=True)
+class PeerProfile:
+    """`make bench-peers`: the same workloads on vLLM's CPU build and on `python -m shard`, over the
+    same model folder and PEFT adapter folders. Every request has `prompt_tokens` of its own
+    (workload 4 adds the shared prefix) and generates exactly `new_tokens`."""
+
+    name: str = "peers"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    adapters: AdapterSpec = field(default_factory=AdapterSpec)  # 128 rank-16 adapters, all 7 projections
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    pairs: int = 3  # measured runs per system and workload, alternating the two systems
+    threads: int = 2
+    max_batch: int = 32
+    device_slots: int = 32
+    host_capacity: int = 64
+    prompt_tokens: int = 64
+    new_tokens: int = 64
+    distinct_requests: int = 32  # workload 2: one adapter per request
+    zipf_requests: int = 256  # workload 3: Zipf over every adapter
+    zipf_exponent: float = 1.0
+    prefix_adapters: int = 4  # workload 4: adapters x requests each, one prefix per adapter
+    prefix_requests_per_adapter: int = 8
+    prefix_tokens: int = 256
+    vllm_kv_cache_gib: int = 2
+    seed: int = 11
+
+    def as_dict(self) -> dict:
+        return asdict(self)

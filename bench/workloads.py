@@ -60,3 +60,25 @@ def poisson_arrivals(
 def with_adapters(requests: list[BenchRequest], adapters: list[str | None]) -> list[BenchRequest]:
     """The same prompts, lengths and arrivals with request i on adapters[i % len(adapters)]."""
     return [BenchRequest(r.index, r.prompt_ids, r.new_tokens, adapters[r.index % len(adapters)], r.arrival_s) for r in requests]
+
+
+def zipf_adapters(rng: random.Random, adapters: list[str], count: int, exponent: float = 1.0) -> list[str]:
+    """`count` draws from `adapters` with P(rank k) ∝ 1 / k**exponent (a few hot adapters, a long tail)."""
+    weights = [1.0 / (k + 1) ** exponent for k in range(len(adapters))]
+    return rng.choices(adapters, weights=weights, k=count)
+
+
+def shared_prefix_batch(
+    *, adapters: list[str], per_adapter: int, prefix_tokens: int, prompt_tokens: int, new_tokens: int,
+    vocab_size: int, seed: int,
+) -> list[BenchRequest]:
+    """`per_adapter` requests on each adapter; the requests of one adapter share one
+    `prefix_tokens`-long prompt prefix, followed by `prompt_tokens` tokens of their own. Requests
+    are interleaved across adapters (a, b, c, a, b, c, ...) as independent clients would send them."""
+    rng = random.Random(seed)
+    prefixes = {name: _prompt(rng, prefix_tokens, vocab_size) for name in adapters}
+    requests = []
+    for i in range(per_adapter * len(adapters)):
+        name = adapters[i % len(adapters)]
+        requests.append(BenchRequest(i, prefixes[name] + _prompt(rng, prompt_tokens, vocab_size), new_tokens, name))
+    return requests

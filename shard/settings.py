@@ -36,6 +36,10 @@ class ShardSettings(LayeredSettings):
     max_context: int = 2048  # also capped by the model's max_position_embeddings
     default_max_tokens: int = 256
     prefill_chunk_tokens: int = 512  # prompt tokens per step, so a long prompt never stalls decoding
+    # KV of prompt prefixes kept for reuse by later requests on the same adapter version (0 = off),
+    # in blocks of prefix_block_tokens tokens; least recently used blocks are evicted.
+    prefix_cache_mb: int = 256
+    prefix_block_tokens: int = 16
     device_slots: int = 8
     host_capacity: int = 32
     max_rank: int = 64
@@ -71,6 +75,8 @@ class ShardSettings(LayeredSettings):
                      "device_slots", "host_capacity", "max_rank"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.prefix_cache_mb < 0 or self.prefix_block_tokens < 1:
+            raise SettingsError("prefix_cache_mb must be >= 0 and prefix_block_tokens >= 1")
         if self.max_queue < 0 or self.torch_threads < 0 or self.drain_timeout_s < 0:
             raise SettingsError("max_queue, torch_threads and drain_timeout_s must be >= 0")
         if self.registry_tracking_uri and not self.adapter_cache_dir:

@@ -23,6 +23,7 @@ from shard.engine.errors import (
     PromptTooLongError,
 )
 from shard.engine.kv_cache import SlotKVCache
+from shard.engine.prefix_cache import PrefixCache
 from shard.engine.requests import (
     FinishReason,
     GenerationChunk,
@@ -56,6 +57,18 @@ class EngineStats:
     decode_tokens_per_s: float
     kv_used_tokens: int
     kv_capacity_tokens: int
+    prefill_tokens_computed: int = 0  # prompt tokens run through the model (not taken from the prefix cache)
+    # Prefix cache (zeros when it is off): prompt tokens looked up, and how many of them were
+    # reused instead of computed; hit rate = hit / queried.
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_blocks: int = 0
+    prefix_cache_capacity_blocks: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        q = self.prefix_cache_queried_tokens
+        return self.prefix_cache_hit_tokens / q if q else 0.0
 
 
 class _Sequence:
@@ -75,6 +88,7 @@ class _Sequence:
         self.sent_first = False
         self.row: int | None = None
         self.prefilled = 0
+        self.prefix_checked = False  # looked up in the prefix cache (once, before its first chunk)
         self.slot = -1  # adapter slot on the device; -1 = base model
         self.holds_adapter = False
         self.done = False
@@ -95,6 +109,8 @@ class Engine:
         record_logits: bool = False,
         initial_kv_columns: int | None = 256,
         metrics=None,
+        prefix_cache_bytes: int = 0,
+        prefix_block_tokens: int = 16,
     ) -> None:
         attention = str(getattr(model.config, "_attn_implementation", "") or "")
         if attention.startswith("flash") or "paged" in attention:
@@ -118,6 +134,11 @@ class Engine:
             initial_context=initial_kv_columns,
         )
         self.scheduler = Scheduler(max_batch=max_batch_size, max_queue=max_queue, rows=self.cache)
+        self.prefix_cache = (
+            PrefixCache.for_cache(self.cache, block_tokens=prefix_block_tokens, max_bytes=prefix_cache_bytes)
+            if prefix_cache_bytes > 0
+            else None
+        )
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._lock = threading.Condition()
         self._cancelled: list[_Sequence] = []
@@ -127,6 +148,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._completed = 0
         self._tokens = 0
+        self._prefill_tokens = 0
         self._decode_window: deque[tuple[float, float, int]] = deque()  # (end time, seconds, tokens)
         if lora is not None:
             lora.add_listener(self._on_adapter_event)
@@ -269,6 +291,7 @@ class Engine:
             window = [w for w in self._decode_window if now - w[0] <= _THROUGHPUT_WINDOW_S]
             seconds = sum(w[1] for w in window)
             tokens = sum(w[2] for w in window)
+            prefix = self.prefix_cache.stats() if self.prefix_cache is not None else None
             return EngineStats(
                 running=self.scheduler.running,
                 queued=len(self.scheduler.waiting),
@@ -277,9 +300,14 @@ class Engine:
                 max_context=self.max_context,
                 requests_completed=self._completed,
                 tokens_generated=self._tokens,
+                prefill_tokens_computed=self._prefill_tokens,
                 decode_tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
                 kv_used_tokens=sum(self.cache.lengths),
                 kv_capacity_tokens=self.cache.max_batch * self.cache.max_context,
+                prefix_cache_queried_tokens=prefix.queried_tokens if prefix else 0,
+                prefix_cache_hit_tokens=prefix.hit_tokens if prefix else 0,
+                prefix_cache_blocks=prefix.cached_blocks if prefix else 0,
+                prefix_cache_capacity_blocks=prefix.capacity_blocks if prefix else 0,
             )
 
     # --- the loop ------------------------------------------------------------------------------
@@ -350,11 +378,25 @@ class Engine:
     def step(self) -> None:
         """One iteration: a prefill forward for staged requests (if any), then one decode
         forward over every decoding request."""
+        if self.prefix_cache is not None:
+            self._reuse_prefixes()
         chunks = self.scheduler.prefill_chunks(self.prefill_chunk_tokens)
         if chunks:
             self._prefill(chunks)
         if self.scheduler.decoding:
             self._decode()
+
+    def _reuse_prefixes(self) -> None:
+        """Staged requests not yet started take their prompt's cached prefix (same adapter
+        version only) into their row. Done just before their first chunk, not at admission, so a
+        request admitted with others reuses what those computed in earlier steps."""
+        for sequence in self.scheduler.prefilling:
+            if sequence.prefix_checked or sequence.prefilled:
+                continue
+            sequence.prefix_checked = True
+            sequence.prefilled = self.prefix_cache.load_into(
+                sequence.request.adapter, sequence.prompt_ids, self.cache, sequence.row
+            )
 
     def _forward(self, sequences: list[_Sequence], rows: list[int], inputs: list[list[int]]) -> torch.Tensor:
         plan = self.cache.plan(rows, [len(x) for x in inputs])
@@ -395,8 +437,13 @@ class Engine:
         if self.metrics is not None:
             self.metrics.observe_step("prefill", time.perf_counter() - started, len(sequences))
         done = [(i, c.sequence) for i, c in enumerate(chunks) if c.completes]
+        self._prefill_tokens += sum(c.count for c in chunks)
         for c in chunks:
             c.sequence.prefilled += c.count
+            if self.prefix_cache is not None:
+                self.prefix_cache.store_from(
+                    c.sequence.request.adapter, c.sequence.prompt_ids, self.cache, c.sequence.row, c.sequence.prefilled
+                )
         if not done:
             return
         tokens = sample_batch(logits[[i for i, _ in done]], [s.sampler for _, s in done])

@@ -27,10 +27,13 @@ class ForwardPlan:
     attention_mask: torch.Tensor  # [B, 1, width, kv_len] additive, 0 or finfo.min
     kv_len: int
     rows_are_prefix: bool  # rows == 0..B-1: read the cache as a view
-    write_batch: torch.Tensor  # [N] batch index of every real (non-padding) token
-    write_step: torch.Tensor  # [N] its index along the width
-    write_row: torch.Tensor  # [N] its cache row
-    write_pos: torch.Tensor  # [N] the column it is written to
+    write_batch: torch.Tensor | None  # [N] batch index of every real (non-padding) token
+    write_step: torch.Tensor | None  # [N] its index along the width
+    write_row: torch.Tensor | None  # [N] its cache row
+    write_pos: torch.Tensor | None  # [N] the column it is written to
+    # A decode step (one new token per row, rows 0..B-1): each row writes its one token at column
+    # write_column[b] with one scatter per layer, instead of a gather and an index_put.
+    write_column: torch.Tensor | None = None  # [B, 1, 1, 1]
 
 
 class SlotKVCache(Cache):
@@ -63,6 +66,7 @@ class SlotKVCache(Cache):
         # Tokens already stored per row; only the scheduler changes them (via commit/move/reset).
         self.lengths = [0] * max_batch
         self._plan: ForwardPlan | None = None
+        self._columns_cache: torch.Tensor | None = None
 
     @classmethod
     def for_model(
@@ -109,6 +113,8 @@ class SlotKVCache(Cache):
         kv_len = max(s + c for s, c in zip(starts, new_tokens))
         if kv_len > self.columns:
             self._grow(min(self.max_context, max(kv_len, 2 * self.columns)))
+        if width == 1 and rows == list(range(len(rows))):
+            return self._plan_decode(rows, starts, kv_len)
         dev = self.device
         batch = len(rows)
         step = torch.arange(width, device=dev)
@@ -139,6 +145,30 @@ class SlotKVCache(Cache):
         )
         self._plan = plan
         self._pending = (rows, new_tokens)
+        return plan
+
+    def _plan_decode(self, rows: list[int], starts: list[int], kv_len: int) -> ForwardPlan:
+        """The plan of a decode step: a handful of ops, one host-to-device copy."""
+        position_ids = torch.tensor(starts, device=self.device).unsqueeze(1)  # [B, 1]
+        if self._columns_cache is None or self._columns_cache.shape[0] < kv_len:
+            self._columns_cache = torch.arange(self.max_context, device=self.device)
+        cols = self._columns_cache[:kv_len]
+        # Row b sees columns 0..start_b (its own new token included).
+        mask = torch.where(cols[None, :] <= position_ids, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+        plan = ForwardPlan(
+            rows=torch.arange(len(rows), device=self.device),
+            position_ids=position_ids,
+            attention_mask=mask[:, None, None, :],
+            kv_len=kv_len,
+            rows_are_prefix=True,
+            write_batch=None,
+            write_step=None,
+            write_row=None,
+            write_pos=None,
+            write_column=position_ids.view(-1, 1, 1, 1),
+        )
+        self._plan = plan
+        self._pending = (rows, [1] * len(rows))
         return plan
 
     def _grow(self, columns: int) -> None:
@@ -174,6 +204,24 @@ class SlotKVCache(Cache):
         self.lengths[dst] = n
         self.lengths[src] = 0
 
+    def read_row(self, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of tokens ``start..end-1`` of ``row``, every layer: [layers, heads, tokens, dim]."""
+        return (torch.stack([k[row, :, start:end] for k in self.keys]),
+                torch.stack([v[row, :, start:end] for v in self.values]))
+
+    def write_row(self, row: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store keys/values ([layers, heads, tokens, dim]) as tokens ``start..`` of ``row``; the
+        row then holds exactly ``start + tokens`` tokens."""
+        end = start + keys.shape[2]
+        if end > self.max_context:
+            raise ValueError(f"row {row}: {end} tokens exceed the context of {self.max_context}")
+        if end > self.columns:
+            self._grow(min(self.max_context, max(end, 2 * self.columns)))
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            k[row, :, start:end].copy_(keys[layer])
+            v[row, :, start:end].copy_(values[layer])
+        self.lengths[row] = end
+
     def swap_rows(self, a: int, b: int) -> None:
         n = max(self.lengths[a], self.lengths[b])
         for k, v in zip(self.keys, self.values):
@@ -188,6 +236,12 @@ class SlotKVCache(Cache):
         if plan is None:
             raise RuntimeError("SlotKVCache.update called without a plan for this forward")
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if plan.write_column is not None:
+            n = key_states.shape[0]
+            index = plan.write_column.expand(n, key_states.shape[1], 1, key_states.shape[3])
+            keys[:n].scatter_(2, index, key_states)
+            values[:n].scatter_(2, index, value_states)
+            return keys[:n, :, : plan.kv_len], values[:n, :, : plan.kv_len]
         # [B, H, W, D] -> the real tokens as [N, H, D], written at (row, :, pos, :)
         keys[plan.write_row, :, plan.write_pos] = key_states[plan.write_batch, :, plan.write_step]
         values[plan.write_row, :, plan.write_pos] = value_states[plan.write_batch, :, plan.write_step]

@@ -2,8 +2,9 @@
 cpp_extension (needs a C++ compiler; ~1 min once, then cached under TORCH_EXTENSIONS_DIR).
 
 It is compiled for the host CPU (-march=native), so the build is named after the CPU's feature
-flags: a cache directory shared with a different CPU gets its own build instead of a binary that
-would die on an illegal instruction. When it cannot be built, the layers use stock torch ops,
+flags and the source's hash: a cache directory shared with a different CPU, or with a checkout of
+another version of the source, gets its own build instead of a binary that would die on an illegal
+instruction or lack a newer entry point. When it cannot be built, the layers use stock torch ops,
 which are correct on every device but pay for materialised gathers."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def load_cpu_kernel():
         from torch.utils.cpp_extension import load
 
         return load(
-            name=f"loraplex_lora_decode_{_cpu_fingerprint()}",
+            name=f"loraplex_lora_decode_{_cpu_fingerprint()}_{hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:8]}",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-strict-aliasing"],
             verbose=False,

@@ -37,7 +37,7 @@ class MultiLoraLinear(nn.Module):
         self.out_features = base_layer.out_features
         self._pool = pool
         self._batch_slots = batch_slots
-        # The compiled CPU kernel (shard.lora.cpu_kernel) or None; used for fp32 decode steps.
+        # The compiled CPU kernel (shard.lora.cpu_kernel) or None; used for decode steps.
         self._decode_kernel = decode_kernel
 
     @property
@@ -68,13 +68,13 @@ class MultiLoraLinear(nn.Module):
 
     @staticmethod
     def _kernel_fits(x3: torch.Tensor, out3: torch.Tensor) -> bool:
-        # Decode steps (one token per row) on CPU with fp32 activations; prefill is compute-bound
-        # and runs faster as batched GEMMs.
+        # Decode steps (one token per row) on CPU with fp32 or bf16 activations; prefill is
+        # compute-bound and runs faster as batched GEMMs.
         return (
             x3.shape[1] == 1
             and x3.device.type == "cpu"
-            and x3.dtype == torch.float32
-            and out3.dtype == torch.float32
+            and x3.dtype in (torch.float32, torch.bfloat16)
+            and out3.dtype == x3.dtype
             and out3.is_contiguous()
         )
 
