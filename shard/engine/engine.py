@@ -388,15 +388,18 @@ class Engine:
 
     def _reuse_prefixes(self) -> None:
         """Staged requests not yet started take their prompt's cached prefix (same adapter
-        version only) into their row. Done just before their first chunk, not at admission, so a
-        request admitted with others reuses what those computed in earlier steps."""
+        version only) into their row. Done in the step that gives them their first chunk, not at
+        admission, so a request admitted with others reuses what those computed in earlier steps."""
+        budget = self.prefill_chunk_tokens
         for sequence in self.scheduler.prefilling:
-            if sequence.prefix_checked or sequence.prefilled:
-                continue
-            sequence.prefix_checked = True
-            sequence.prefilled = self.prefix_cache.load_into(
-                sequence.request.adapter, sequence.prompt_ids, self.cache, sequence.row
-            )
+            if budget <= 0:
+                break
+            if not sequence.prefix_checked and not sequence.prefilled:
+                sequence.prefix_checked = True
+                sequence.prefilled = self.prefix_cache.load_into(
+                    sequence.request.adapter, sequence.prompt_ids, self.cache, sequence.row
+                )
+            budget -= len(sequence.prompt_ids) - sequence.prefilled
 
     def _forward(self, sequences: list[_Sequence], rows: list[int], inputs: list[list[int]]) -> torch.Tensor:
         plan = self.cache.plan(rows, [len(x) for x in inputs])
@@ -412,13 +415,22 @@ class Engine:
                     position_ids=plan.position_ids,
                     past_key_values=self.cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=self._last_position(width),
                 )
         except BaseException:
             self.cache.abort()
             raise
         self.cache.commit()
         return out.logits[:, -1, :].float()
+
+    def _last_position(self, width: int) -> int | torch.Tensor:
+        """Which input position the model computes logits for: the last (inputs are left-padded).
+        As an index tensor when width > 1: the model's own ``logits_to_keep=1`` slices a strided
+        view, and the LM head's matmul on that view broadcasts its weight to every row (a copy of
+        batch x vocab x hidden values, most of a prefill step's time on CPU)."""
+        if width == 1:
+            return 1
+        return torch.tensor([width - 1], device=self.device)
 
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         sequences = [c.sequence for c in chunks]

@@ -145,3 +145,24 @@ def test_memory_is_bounded_and_the_least_recently_used_block_goes_first():
     assert prefix.load_into("a", new, kv, 1) == 8
     kv.reset_row(1)
     assert prefix.load_into("a", hot, kv, 1) == 4
+
+
+def test_requests_admitted_together_reuse_what_earlier_steps_computed(engines):
+    cached, plain = engines
+    shared = prompt(6, 5 * BLOCK)
+    prompts = [shared + prompt(7 + i, 7) for i in range(3)]  # 47 tokens each; 64 prompt tokens per step
+
+    def serve_together(engine):
+        handles = [engine.submit(GenerationRequest(request_id=f"t{i}", prompt_ids=p, adapter=AdapterKey("alpha", "local"),
+                                                   sampling=SamplingOptions(max_tokens=4))) for i, p in enumerate(prompts)]
+        while engine.run_once():
+            pass
+        return [[t for c in h for t in c.token_ids] for h in handles]
+
+    before = cached.stats()
+    tokens = serve_together(cached)
+    after = cached.stats()
+    # Step 1 prefills the first prompt and starts the second; the third starts in step 2 and
+    # finds the shared prefix the first one stored.
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == 5 * BLOCK
+    assert tokens == serve_together(plain)
