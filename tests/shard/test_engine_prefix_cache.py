@@ -6,12 +6,12 @@ does, because the KV of a prefix depends on the adapter that computed it."""
 import pytest
 import torch
 
-from loraplex.testing.shard_models import tiny_llama_config
+from tests.support.shard_models import tiny_llama_config
 from shard.engine import Engine, GenerationRequest, SamplingOptions
 from shard.engine.kv_cache import SlotKVCache
 from shard.engine.prefix_cache import PrefixCache
-from shard.lora import AdapterKey, LocalAdapterSource, TieredAdapterCache, install_multi_lora
-from shard.lora.synthetic import byte_tokenizer, random_llama
+from shard.lora import AdapterKey, LocalAdapterSource, LoraManager
+from bench.synthetic_models import byte_tokenizer, random_llama
 
 torch.set_num_threads(1)
 BLOCK = 8
@@ -24,13 +24,12 @@ def prompt(seed, length):
 
 def build_engine(adapter_dirs, prefix_cache_bytes):
     model = random_llama(tiny_llama_config(), seed=0)
-    runtime = install_multi_lora(model, device_slots=3, max_rank=16)
-    cache = TieredAdapterCache(runtime, LocalAdapterSource(adapter_dirs), host_capacity=3)
+    lora = LoraManager.install(model, LocalAdapterSource(adapter_dirs), device_slots=3, max_rank=16, host_capacity=3)
     engine = Engine(model, byte_tokenizer(), max_batch_size=4, max_queue=16, max_context=128, prefill_chunk_tokens=64,
-                    lora_runtime=runtime, adapter_cache=cache, record_logits=True,
+                    lora=lora, record_logits=True,
                     prefix_cache_bytes=prefix_cache_bytes, prefix_block_tokens=BLOCK)
     engine.eos_ids = set()
-    return engine, cache
+    return engine, lora
 
 
 def generate(engine, adapter, prompt_ids, max_tokens=6):
