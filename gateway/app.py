@@ -102,7 +102,7 @@ def create_api_app(parts: GatewayParts) -> Litestar:
 def create_admin_app(parts: GatewayParts) -> Litestar:
     """The admin port: metrics, the admin API and health, over the parts the API app runs."""
     wiring = GatewayWiring(
-        parts, [*admin.ROUTES, *health.ROUTES], AdminAuthentication, "loraplex gateway admin", ADMIN_DESCRIPTION, runs_parts=False
+        parts, [*admin.routes(parts.settings), *health.ROUTES], AdminAuthentication, "loraplex gateway admin", ADMIN_DESCRIPTION, runs_parts=False
     )
     return Litestar(plugins=[wiring], request_max_body_size=parts.settings.max_body_bytes)
 

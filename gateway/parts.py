@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio import Redis
 
 from gateway import shared_store
+from gateway.audit import AuditTrail
 
 from gateway.completions import CompletionService, PromptMeasure
 from gateway.dispatch import Dispatcher
@@ -31,6 +32,7 @@ from gateway.shared_limits import SharedTenantLimiter
 from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
 from gateway.tenant_limits import LocalTenantLimiter, TenantLimiter
 from gateway.tenants import TenantDirectory
+from gateway.version_fallback import LastGoodVersions
 from loraplex.telemetry import tracer_provider
 
 ShadowAggregateSink = Callable[[str, str, dict[str, float]], None]
@@ -58,6 +60,7 @@ class GatewayParts:
     shadow: ShadowMode
     shadow_recorder: ShadowRecorder
     limiter: TenantLimiter
+    audit: AuditTrail
     # With several processes, what they share lives in Redis/Valkey: tenant limits, shadow aggregates.
     store: Redis | None = None
     # What these parts own and so start and stop; a routing source or tracer handed in by a test is the test's.
@@ -121,6 +124,10 @@ def build_parts(
     owns_tracing = tracing is None
     tracing = tracing or tracer_provider("loraplex-gateway")
     source = routing_source if routing_source is not None else build_routing_source(settings)
+    audit = AuditTrail()
+    if source.on_change is None:  # a source handed in with a listener of its own keeps it
+        audit.watch(source.current())
+        source.on_change = audit.routing_table_seen
     pool = shard_pool if shard_pool is not None else build_shard_pool(settings, metrics, tracing)
     router = VersionRouter(source, settings.base_model_id)
     dispatcher = Dispatcher(
@@ -149,7 +156,8 @@ def build_parts(
     shadow = ShadowMode(dispatcher, recorder, settings.shadow_sample_share, settings.shadow_max_concurrency)
     prompt_measure = PromptMeasure(settings.max_prompt_chars, settings.max_prompt_tokens, settings.tokenizer_dir)
     limiter = build_tenant_limiter(settings, metrics, store)
-    service = CompletionService(settings, router, dispatcher, limiter, metrics, shadow, prompt_measure)
+    last_good = LastGoodVersions(settings.refused_version_retry_s, on_refused=audit.version_refused)
+    service = CompletionService(settings, router, dispatcher, limiter, metrics, shadow, prompt_measure, last_good)
     return GatewayParts(
         settings,
         tenants,
@@ -161,6 +169,7 @@ def build_parts(
         shadow,
         recorder,
         limiter,
+        audit,
         store=store,
         shadow_metrics=shadow_metrics,
         owns_routing_source=routing_source is None,

@@ -4,7 +4,7 @@ table fixed at start-up (settings `static_routes`) when running without MLflow."
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from loraplex.routing_table import AdapterRoute, RoutingTable
@@ -22,6 +22,8 @@ class RoutingSource(Protocol):
     def has_table(self) -> bool: ...
 
     last_success_unix: float | None
+    # Called with each new table put in force (the audit trail listens here).
+    on_change: Callable[[RoutingTable], None] | None
 
     def current(self) -> RoutingTable: ...
 
@@ -36,8 +38,9 @@ class StaticRoutingSource:
     is_stale = False
     has_table = True
 
-    def __init__(self, table: RoutingTable):
+    def __init__(self, table: RoutingTable, on_change: Callable[[RoutingTable], None] | None = None):
         self._table = table
+        self.on_change = on_change
         self.last_success_unix = time.time()
 
     @classmethod
@@ -64,8 +67,11 @@ class StaticRoutingSource:
 
     def replace(self, table: RoutingTable) -> None:
         """A new table in force (a test's promotion; the registry's watcher does this by polling)."""
+        changed = not table.same_routes(self._table)
         self._table = table
         self.last_success_unix = time.time()
+        if changed and self.on_change is not None:
+            self.on_change(table)
 
     def poll_now(self) -> bool:
         self.last_success_unix = time.time()

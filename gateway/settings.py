@@ -68,6 +68,8 @@ class GatewaySettings(LayeredSettings):
     # A version the shards refused (corrupt, wrong base) is not tried again for this long; meanwhile
     # the adapter's last version that served keeps serving.
     refused_version_retry_s: float = 30.0
+    # Admin API calls (/admin/*) per admin key and minute, per gateway process; past it 429 + Retry-After.
+    admin_rate_per_minute: int = 60
     # Tenant limits shared by every worker and replica through Redis/Valkey (gateway/shared_limits.py);
     # empty = each process counts alone, right only for a single process.
     redis_url: str = ""
@@ -91,7 +93,7 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError(f"admin_port must differ from port ({self.port})")
         if not 0.0 <= self.shadow_sample_share <= 1.0:
             raise SettingsError("shadow_sample_share must be within [0, 1]")
-        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every", "shadow_log_max_bytes"):
+        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every", "shadow_log_max_bytes", "admin_rate_per_minute"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.shadow_log_backup_count < 1:

@@ -28,8 +28,14 @@ FALLBACK_ASSIGNMENTS = frozenset({"champion", "canary"})
 
 
 class LastGoodVersions:
-    def __init__(self, retry_refused_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        retry_refused_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_refused: Callable[[str, str, str], None] | None = None,
+    ):
         self.retry_refused_s = retry_refused_s
+        self.on_refused = on_refused  # (adapter, version, assignment), once per refusal period
         self._clock = clock
         self._last_good: dict[str, str] = {}
         self._refused_until: dict[tuple[str, str], float] = {}
@@ -48,8 +54,13 @@ class LastGoodVersions:
             return self._last_good.get(adapter)
 
     def refused(self, choice: VersionChoice) -> None:
+        key = (choice.adapter, choice.version)
         with self._lock:
-            self._refused_until[(choice.adapter, choice.version)] = self._clock() + self.retry_refused_s
+            now = self._clock()
+            newly = self._refused_until.get(key, now) <= now
+            self._refused_until[key] = now + self.retry_refused_s
+        if newly and self.on_refused is not None:
+            self.on_refused(choice.adapter, choice.version, choice.assignment)
 
     def is_refused(self, adapter: str, version: str) -> bool:
         with self._lock:

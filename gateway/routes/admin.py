@@ -9,14 +9,18 @@ from typing import Annotated, Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from litestar import Response, Router, get, post
+from litestar import Request, Response, Router, get, post
+from litestar.exceptions import TooManyRequestsException
+from litestar.middleware.rate_limit import RateLimitConfig, RateLimitMiddleware
 from litestar.params import FromPath, FromQuery, JSONBody
 from msgspec import Meta, Struct
 
 from gateway import errors
+from gateway.audit import key_id
 from gateway.errors import OpenAIError, bad_request
 from gateway.parts import GatewayParts, Parts
 from gateway.routes.authentication import EXCLUDE_FROM_AUTH
+from gateway.settings import GatewaySettings
 from gateway.routes.operation_docs import DocumentedOperation
 from gateway.routes.responses import ADMIN_ERRORS, error_responses
 from gateway.shadow import ShadowPair
@@ -145,17 +149,35 @@ async def shard_adapters(shard_id: FromPath[str], parts: Parts) -> ShardAdapters
     return ShardAdapters(shard_id, listed.get("adapters", []), listed.get("tiers", []))
 
 
+def _client_host(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _audit(parts: GatewayParts, request: Request, event: str, result: AdapterActionResult) -> None:
+    parts.audit.admin_action(
+        request.auth,
+        event,
+        _client_host(request),
+        adapter=result.adapter,
+        version=result.version,
+        pinned=result.pinned,
+        shards={shard: "ok" if answer["ok"] else answer["code"] for shard, answer in result.shards.items()},
+    )
+
+
 @post("/adapters/load", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Load an adapter version on the shards that own it")
-async def load_adapter(data: JSONBody[AdapterAction], parts: Parts) -> AdapterActionResult:
+async def load_adapter(data: JSONBody[AdapterAction], parts: Parts, request: Request) -> AdapterActionResult:
     version, shards = _targets(parts, data)
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
     req = shard_pb2.LoadAdapterRequest(adapter=ref, pin=data.pin)
     results = await _on_shards(parts, shards, lambda stub: stub.LoadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    return AdapterActionResult(data.adapter, version, results)
+    result = AdapterActionResult(data.adapter, version, results)
+    _audit(parts, request, "adapters.load", result)
+    return result
 
 
 @post("/adapters/unload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Unload (or only unpin) an adapter version on shards")
-async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts) -> AdapterActionResult:
+async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts, request: Request) -> AdapterActionResult:
     if not data.version:
         raise bad_request("'version' is required to unload.", "version")
     version, shards = _targets(parts, data)
@@ -164,11 +186,13 @@ async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts) -> Adapter
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
     req = shard_pb2.UnloadAdapterRequest(adapter=ref, unpin_only=data.unpin_only)
     results = await _on_shards(parts, shards, lambda stub: stub.UnloadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    return AdapterActionResult(data.adapter, version, results)
+    result = AdapterActionResult(data.adapter, version, results)
+    _audit(parts, request, "adapters.unload", result)
+    return result
 
 
 @post("/adapters/pin", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Pin (pin=true) or unpin (pin=false) an adapter version")
-async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts) -> AdapterActionResult:
+async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts, request: Request) -> AdapterActionResult:
     version, shards = _targets(parts, data)
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
     if data.pin:
@@ -177,14 +201,24 @@ async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts) -> AdapterAct
     else:
         req = shard_pb2.UnloadAdapterRequest(adapter=ref, unpin_only=True)
         results = await _on_shards(parts, parts.pool.healthy_shards(), lambda stub: stub.UnloadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    return AdapterActionResult(data.adapter, version, results, data.pin)
+    result = AdapterActionResult(data.adapter, version, results, data.pin)
+    _audit(parts, request, "adapters.pin", result)
+    return result
 
 
 @post("/routing/reload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Re-read the routing table and the tenants file now")
-async def reload_routing(parts: Parts) -> RoutingReload:
+async def reload_routing(parts: Parts, request: Request) -> RoutingReload:
     source = parts.routing_source
-    await asyncio.to_thread(source.poll_now)
+    polled = await asyncio.to_thread(source.poll_now)
     tenants_reloaded = parts.tenants.refresh()
+    parts.audit.admin_action(
+        request.auth,
+        "routing.reload",
+        _client_host(request),
+        polled=polled,
+        tenants_reloaded=tenants_reloaded,
+        tenants_error=parts.tenants.last_error,
+    )
     adapters = {name: AdapterAliases(r.champion, r.canary, r.shadow, r.canary_percent) for name, r in source.current().adapters.items()}
     return RoutingReload(adapters, source.is_stale, tenants_reloaded, parts.tenants.last_error)
 
@@ -217,9 +251,38 @@ async def metrics(parts: Parts) -> Response:
     return Response(m.exposition(), media_type="text/plain; version=0.0.4")
 
 
-admin_router = Router(
-    path="/admin",
-    tags=["admin"],
-    route_handlers=[list_shards, shard_adapters, load_adapter, unload_adapter, pin_adapter, reload_routing, shadow_pairs],
-)
-ROUTES = [metrics, admin_router]
+class AdminRateLimit(RateLimitMiddleware):
+    """Litestar's rate limit (per admin key id, in this process's memory store), answering past it
+    with the gateway's 429 and a `Retry-After` of the seconds until the window frees a call."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except TooManyRequestsException as exc:
+            reset = int((exc.headers or {}).get(self.config.rate_limit_reset_header_key, 1))
+            raise errors.rate_limited(
+                f"Too many admin calls: the limit is {self.max_requests} per {self.unit}.", max(1, reset)
+            ) from exc
+
+
+def _admin_key_id(request: Request) -> str:
+    return key_id(request.auth)
+
+
+def admin_router(settings: GatewaySettings) -> Router:
+    rate_limit = RateLimitConfig(
+        rate_limit=("minute", settings.admin_rate_per_minute),
+        identifier_for_request=_admin_key_id,
+        middleware_class=AdminRateLimit,
+        store="admin_rate_limit",
+    )
+    return Router(
+        path="/admin",
+        tags=["admin"],
+        route_handlers=[list_shards, shard_adapters, load_adapter, unload_adapter, pin_adapter, reload_routing, shadow_pairs],
+        middleware=[rate_limit.middleware],
+    )
+
+
+def routes(settings: GatewaySettings) -> list:
+    return [metrics, admin_router(settings)]

@@ -39,7 +39,7 @@ def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
 
 GENERATION_ERRORS = error_responses(400, 401, 403, 404, 405, 413, 429, 500, 503, 504)
 AUTH_ERRORS = error_responses(401, 405, 500)
-ADMIN_ERRORS = error_responses(400, 401, 403, 404, 405, 413, 500, 502, 503, 504)
+ADMIN_ERRORS = error_responses(400, 401, 403, 404, 405, 413, 429, 500, 502, 503, 504)
 
 
 def with_served_by(error: Exception, served_by: dict[str, str]) -> Exception:

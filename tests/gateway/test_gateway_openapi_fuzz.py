@@ -77,6 +77,7 @@ def fuzzed_gateway(tmp_path_factory, fuzz_shards):
                 "health_timeout_s": 0.5,
                 "shadow_log_path": str(tmp / "shadow.jsonl"),
                 "shadow_sample_share": 0.0,  # shadow copies are not what this fuzzes
+                "admin_rate_per_minute": 1_000_000,  # the fuzzer's calls would use up the admin rate
                 "max_body_bytes": 4096,
                 "max_tokens_limit": 16,
                 "max_prompt_chars": 1000,
