@@ -7,21 +7,21 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-from bench.engine_runs import LoraplexShard, adapter_key
 from bench.run_result import percentile
+from bench.engine_runs import LoraplexShard
+from shard.lora import LOCAL_VERSION, AdapterKey
 
 ORIGINS = ("source", "disk", "host")
 
 
-def _origin(shard: LoraplexShard, name: str) -> str:
-    key = adapter_key(name)
+def _origin(shard: LoraplexShard, key: AdapterKey) -> str:
     for info in shard.lora.adapters():
         if info.adapter == key:
             return info.tier
     return "source"
 
 
-def measure_activation(shard: LoraplexShard, names: list[str], disk_samples: int) -> dict:
+def measure_activation(shard: LoraplexShard, names: list[str], disk_samples: int, version: str = LOCAL_VERSION) -> dict:
     """Cycle twice over 2 x slots adapters (host holds them all, the device half: every second
     visit is host -> slot), then unload some (drops device and host copies, keeps the disk copy)
     and load them again (disk -> slot)."""
@@ -30,9 +30,10 @@ def measure_activation(shard: LoraplexShard, names: list[str], disk_samples: int
     samples: dict[str, list[float]] = {origin: [] for origin in ORIGINS}
 
     def timed_load(name: str) -> None:
-        origin = _origin(shard, name)
+        key = AdapterKey(name, version)
+        origin = _origin(shard, key)
         started = time.perf_counter()
-        shard.lora.load(adapter_key(name))
+        shard.lora.load(key)
         if origin in samples:
             samples[origin].append((time.perf_counter() - started) * 1000)
 
@@ -40,7 +41,7 @@ def measure_activation(shard: LoraplexShard, names: list[str], disk_samples: int
         for name in cycle:
             timed_load(name)
     for name in cycle[:disk_samples]:
-        if shard.lora.unload(adapter_key(name)):
+        if shard.lora.unload(AdapterKey(name, version)):
             timed_load(name)
     return {
         f"{origin}_to_slot_ms": {

@@ -41,11 +41,11 @@ class LoraplexShard:
 
     @classmethod
     def build(cls, model, tokenizer, adapter_dirs: dict[str, Path], *, device_slots: int, max_rank: int,
-              host_capacity: int, disk_dir: Path, max_batch: int,
+              host_capacity: int, max_batch: int,
               pool_dtype: torch.dtype | None = None) -> "LoraplexShard":
         lora = LoraManager.install(
             model, LocalAdapterSource(adapter_dirs), device_slots=device_slots, max_rank=max_rank,
-            host_capacity=host_capacity, pool_dtype=pool_dtype, disk_dir=disk_dir,
+            host_capacity=host_capacity, pool_dtype=pool_dtype,
         )
         return cls(model, tokenizer, lora, max_batch)
 

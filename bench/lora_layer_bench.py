@@ -31,7 +31,7 @@ def random_host_adapter(runtime, name: str, rank: int, generator: torch.Generato
         a = torch.randn(rank, shape.in_features, generator=generator) * 0.02
         b_t = torch.randn(rank, shape.out_features, generator=generator) * 0.02
         modules[module] = LoraFactors(a=a.to(runtime.pool.dtype), b_t=b_t.to(runtime.pool.dtype))
-    return HostAdapter(key=AdapterKey(name, "bench"), modules=modules, sha256="", size_bytes=0)
+    return HostAdapter(key=AdapterKey(name, "bench"), modules=modules, weights_sha256="", size_bytes=0)
 
 
 def decode_step(model, cache, input_ids, context: int):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -223,35 +222,34 @@ def run_benchmark(profile: BenchProfile, cache_dir: Path, log: Callable[[str], N
     names = adapter_names(profile.adapters)
     peft_model = build_peft_model(model, {n: adapter_dirs[n] for n in names[: profile.concurrency]})
     results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="loraplex-bench-disk-") as disk_dir:
-        shard = LoraplexShard.build(model, tokenizer, adapter_dirs, device_slots=profile.device_slots,
-                                    max_rank=profile.adapters.rank, host_capacity=profile.host_capacity,
-                                    disk_dir=Path(disk_dir), max_batch=profile.concurrency,
-                                    pool_dtype=None if profile.adapter_dtype == "auto" else DTYPES[profile.adapter_dtype])
+    shard = LoraplexShard.build(model, tokenizer, adapter_dirs, device_slots=profile.device_slots,
+                                max_rank=profile.adapters.rank, host_capacity=profile.host_capacity,
+                                max_batch=profile.concurrency,
+                                pool_dtype=None if profile.adapter_dtype == "auto" else DTYPES[profile.adapter_dtype])
+    try:
+        log("4a. adapter activation latency")
+        results["activation_latency"] = measure_activation(shard, names, profile.activation_samples)
+        log("1. LoRA overhead (decode steps, paired)")
+        results["lora_overhead"] = measure_overhead(shard, profile, names, log)
+        context = max(
+            profile.naive_prompt_tokens + profile.naive_new_tokens,
+            profile.arrival_prompt_tokens[1] + profile.arrival_new_tokens[1],
+            profile.curve_prompt_tokens + profile.curve_new_tokens[1],
+        ) + 1
+        engine = shard.engine(context=context, max_queue=max(256, profile.curve_requests, profile.arrival_requests)).start()
         try:
-            log("4a. adapter activation latency")
-            results["activation_latency"] = measure_activation(shard, names, profile.activation_samples)
-            log("1. LoRA overhead (decode steps, paired)")
-            results["lora_overhead"] = measure_overhead(shard, profile, names, log)
-            context = max(
-                profile.naive_prompt_tokens + profile.naive_new_tokens,
-                profile.arrival_prompt_tokens[1] + profile.arrival_new_tokens[1],
-                profile.curve_prompt_tokens + profile.curve_new_tokens[1],
-            ) + 1
-            engine = shard.engine(context=context, max_queue=max(256, profile.curve_requests, profile.arrival_requests)).start()
-            try:
-                log("2. against lock + set_adapter + generate")
-                results["vs_naive"] = measure_vs_naive(shard, engine, peft_model, profile, names, log)
-                log("3. against PEFT static batches on Poisson arrivals")
-                results["vs_peft_static"] = measure_vs_peft_static(
-                    shard, engine, peft_model, profile, names, results["lora_overhead"]["lora_tokens_per_s"], log)
-                log("4b. throughput vs distinct adapters per batch")
-                results["distinct_adapters_curve"] = measure_curve(shard, engine, profile, names, log)
-            finally:
-                engine.stop(timeout=30)
-            results["activation_latency"]["cache_tier_stats_end"] = [asdict(s) for s in shard.lora.tier_stats()]
+            log("2. against lock + set_adapter + generate")
+            results["vs_naive"] = measure_vs_naive(shard, engine, peft_model, profile, names, log)
+            log("3. against PEFT static batches on Poisson arrivals")
+            results["vs_peft_static"] = measure_vs_peft_static(
+                shard, engine, peft_model, profile, names, results["lora_overhead"]["lora_tokens_per_s"], log)
+            log("4b. throughput vs distinct adapters per batch")
+            results["distinct_adapters_curve"] = measure_curve(shard, engine, profile, names, log)
         finally:
-            shard.close()
+            engine.stop(timeout=30)
+        results["activation_latency"]["cache_tier_stats_end"] = [asdict(s) for s in shard.lora.tier_stats()]
+    finally:
+        shard.close()
     return {
         "name": profile.name,
         "created_unix": round(started, 1),

@@ -36,18 +36,13 @@ from registry.routing import (
     AdapterRoute,
 )
 from registry.upload import upload_folder
-from registry.validation import (
-    AdapterFacts,
-    check_adapter_files,
-    content_sha256,
-    read_adapter_config,
-    validate_adapter,
-)
+from loraplex.adapter_format import AdapterFormatError, check_adapter_files, folder_sha256, read_config
+from registry.validation import AdapterFacts, check_no_symlinks, validate_adapter
 
 logger = logging.getLogger(__name__)
 
 TAG_BASE_FINGERPRINT = "loraplex.base_fingerprint"
-TAG_SHA256 = "loraplex.sha256"
+TAG_FOLDER_SHA256 = "loraplex.sha256"  # the tag's name predates the field's; versions already carry it
 TAG_RANK = "loraplex.rank"
 TAG_TARGET_MODULES = "loraplex.target_modules"
 TAG_SIZE_BYTES = "loraplex.size_bytes"
@@ -66,7 +61,7 @@ _SEARCH_PAGE = 1000
 class AdapterVersion:
     name: str
     version: str
-    sha256: str | None
+    folder_sha256: str | None  # loraplex.adapter_format.folder_sha256 of the published folder
     base_fingerprint: str | None
     rank: int | None
     target_modules: tuple[str, ...]
@@ -99,7 +94,7 @@ def _version_from_rest(model_version: dict, aliases: tuple[str, ...] | None = No
     return AdapterVersion(
         name=model_version["name"],
         version=str(model_version["version"]),
-        sha256=tags.get(TAG_SHA256),
+        folder_sha256=tags.get(TAG_FOLDER_SHA256),
         base_fingerprint=tags.get(TAG_BASE_FINGERPRINT),
         rank=int(rank) if rank and rank.isdigit() else None,
         target_modules=tuple(m for m in modules.split(",") if m) if modules else (),
@@ -140,7 +135,7 @@ class AdapterRegistry:
         # PEFT records the model it trained on; when that is a local folder we can tell whether it
         # is the same model as the one named here (same shapes but another vocabulary would pass the
         # shape checks and then answer gibberish).
-        trained_on = read_adapter_config(Path(folder)).get("base_model_name_or_path")
+        trained_on = read_config(Path(folder)).get("base_model_name_or_path")
         if isinstance(trained_on, str) and trained_on and (Path(trained_on) / "config.json").is_file():
             trained_fingerprint = base_model_fingerprint(Path(trained_on))
             if trained_fingerprint != fingerprint:
@@ -171,7 +166,7 @@ class AdapterRegistry:
         run_artifact_uri = self.client.get_run(run_id).info.artifact_uri
         tags = {
             TAG_BASE_FINGERPRINT: fingerprint,
-            TAG_SHA256: facts.sha256,
+            TAG_FOLDER_SHA256: facts.folder_sha256,
             TAG_RANK: str(facts.rank),
             TAG_TARGET_MODULES: ",".join(facts.target_modules),
             TAG_SIZE_BYTES: str(facts.size_bytes),
@@ -234,7 +229,7 @@ class AdapterRegistry:
                 "rank": facts.rank,
                 "target_modules": ",".join(facts.target_modules),
                 "size_bytes": facts.size_bytes,
-                "sha256": facts.sha256,
+                "sha256": facts.folder_sha256,
                 "base_fingerprint": fingerprint,
             }.items():
                 self.client.log_param(run_id, key, value)
@@ -316,9 +311,9 @@ class AdapterRegistry:
         """Points `alias` at `version`; champion moves are recorded so rollback can undo them."""
         check_routing_alias(alias)
         target = self.resolve(name, str(version))
-        if not target.sha256 or not target.base_fingerprint:
+        if not target.folder_sha256 or not target.base_fingerprint:
             raise AdapterRejected(
-                f"{name} v{target.version} was not published through loraplex (no {TAG_SHA256} tag); "
+                f"{name} v{target.version} was not published through loraplex (no {TAG_FOLDER_SHA256} tag); "
                 "publish the folder with `loraplex adapters publish`"
             )
         if alias == CHAMPION:
@@ -370,10 +365,6 @@ class AdapterRegistry:
         text = str(int(percent)) if float(percent).is_integer() else repr(float(percent))
         self._set_model_tag(name, TAG_CANARY_PERCENT, text)
 
-    def remove_alias(self, name: str, alias: str) -> None:
-        check_routing_alias(alias)
-        self.rest.delete("registered-models/alias", {"name": name, "alias": alias})
-
     def _alias_version(self, name: str, alias: str) -> str | None:
         model = self._registered_model(name)
         for entry in model.get("aliases") or []:
@@ -400,10 +391,10 @@ class AdapterRegistry:
                 raise
             return cached
         label = f"{name} v{adapter.version}"
-        if not adapter.sha256 or not _SHA256_HEX.match(adapter.sha256):
-            raise AdapterRejected(f"{label} has no valid {TAG_SHA256} tag: it was not published through loraplex")
+        if not adapter.folder_sha256 or not _SHA256_HEX.match(adapter.folder_sha256):
+            raise AdapterRejected(f"{label} has no valid {TAG_FOLDER_SHA256} tag: it was not published through loraplex")
         self._check_base(label, adapter.base_fingerprint, expected_base_fingerprint)
-        target = self.cache_dir / adapter.sha256
+        target = self.cache_dir / adapter.folder_sha256
         if not target.is_dir():
             self._download_into_cache(adapter, target)
         self._remember(adapter)
@@ -423,13 +414,17 @@ class AdapterRegistry:
         incoming = self.cache_dir / f".incoming-{uuid.uuid4().hex}"
         try:
             downloaded = self._download(adapter, incoming)
-            actual = content_sha256(downloaded)
-            if actual != adapter.sha256:
+            actual = folder_sha256(downloaded)
+            if actual != adapter.folder_sha256:
                 raise AdapterRejected(
-                    f"{label} artifacts are corrupt: content sha256 {actual[:12]}… differs from the "
-                    f"published {str(adapter.sha256)[:12]}…"
+                    f"{label} artifacts are corrupt: folder sha256 {actual[:12]}… differs from the "
+                    f"published {str(adapter.folder_sha256)[:12]}…"
                 )
-            check_adapter_files(downloaded)
+            check_no_symlinks(downloaded)
+            try:
+                check_adapter_files(downloaded)
+            except AdapterFormatError as error:
+                raise AdapterRejected(f"{label}: {error}") from None
             try:
                 os.rename(downloaded, target)
             except OSError:
@@ -448,7 +443,7 @@ class AdapterRegistry:
         path = self._index_path(adapter.name, adapter.version)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        temporary.write_text(json.dumps({"sha256": adapter.sha256, "base_fingerprint": adapter.base_fingerprint}))
+        temporary.write_text(json.dumps({"sha256": adapter.folder_sha256, "base_fingerprint": adapter.base_fingerprint}))
         os.replace(temporary, path)
 
     def _cached_while_offline(self, name: str, version: str, expected_base_fingerprint: str | None) -> Path | None:

@@ -95,8 +95,8 @@ def _describe(version) -> str:
     aliases = f"  [{', '.join(version.aliases)}]" if version.aliases else ""
     rank = f"r={version.rank}" if version.rank is not None else "r=?"
     size = f"{version.size_bytes / 1024:.0f} KiB" if version.size_bytes is not None else "? KiB"
-    sha = (version.sha256 or "-")[:12]
-    return f"{version.name} v{version.version}  {rank}  {size}  sha256 {sha}{aliases}"
+    sha = (version.folder_sha256 or "-")[:12]
+    return f"{version.name} v{version.version}  {rank}  {size}  folder sha256 {sha}{aliases}"
 
 
 def _publish(args: argparse.Namespace) -> int:

@@ -69,12 +69,6 @@ class MlflowRest:
     def post(self, endpoint: str, body: dict) -> dict:
         return self.call("POST", endpoint, body)
 
-    def patch(self, endpoint: str, body: dict) -> dict:
-        return self.call("PATCH", endpoint, body)
-
-    def delete(self, endpoint: str, body: dict) -> dict:
-        return self.call("DELETE", endpoint, body)
-
 
 def _first_line(error: Exception) -> str:
     text = str(error).strip()

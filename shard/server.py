@@ -158,7 +158,7 @@ def _adapter_info(info) -> shard_pb2.AdapterInfo:
         active_requests=info.active_requests,
         size_bytes=info.size_bytes,
         load_ms=info.load_ms,
-        sha256=info.sha256,
+        sha256=info.weights_sha256,
         last_used_unix_ms=info.last_used_unix_ms,
     )
 

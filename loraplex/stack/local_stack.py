@@ -79,7 +79,7 @@ class LocalStack:
         from loraplex.demo import ensure_demo_assets
         from loraplex.stack.mlflow_server import MlflowServer
         from registry import AdapterRegistry
-        from registry.demo_publish import publish_demo_adapters
+        from loraplex.demo.publish import publish_demo_adapters
 
         cfg = self.config
         state = cfg.state_dir.resolve()

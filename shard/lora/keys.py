@@ -2,6 +2,8 @@
 
 from typing import NamedTuple
 
+from loraplex.adapter_format import adapter_ref
+
 
 class AdapterKey(NamedTuple):
     """An adapter version: registry name and version ("local" for a local folder)."""
@@ -10,4 +12,4 @@ class AdapterKey(NamedTuple):
     version: str
 
     def __str__(self) -> str:
-        return f"{self.name}@{self.version}"
+        return adapter_ref(self.name, self.version)

@@ -7,7 +7,6 @@ tells every layer which slot each batch row uses. A shard without adapters has n
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -27,7 +26,6 @@ class LoraManager:
         source: AdapterSource,
         *,
         host_capacity: int,
-        disk_dir: Path | None = None,
         loader_threads: int = 1,
         load_observer: Callable[[str, float], None] | None = None,
     ) -> None:
@@ -37,7 +35,6 @@ class LoraManager:
             runtime.pool,
             source,
             host_capacity=host_capacity,
-            disk_dir=disk_dir,
             loader_threads=loader_threads,
             load_observer=load_observer,
         )
@@ -52,7 +49,6 @@ class LoraManager:
         max_rank: int,
         host_capacity: int,
         pool_dtype: torch.dtype | None = None,
-        disk_dir: Path | None = None,
         target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
         decode_kernel: str = "auto",
         load_observer: Callable[[str, float], None] | None = None,
@@ -67,7 +63,7 @@ class LoraManager:
             pool_dtype=pool_dtype,
             decode_kernel=decode_kernel,
         )
-        return cls(runtime, source, host_capacity=host_capacity, disk_dir=disk_dir, load_observer=load_observer)
+        return cls(runtime, source, host_capacity=host_capacity, load_observer=load_observer)
 
     @property
     def pool(self) -> AdapterSlotPool:

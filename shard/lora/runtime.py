@@ -10,10 +10,10 @@ from torch import nn
 from shard.lora.batch_plan import plan_batch
 from shard.lora.cpu_kernel import load_cpu_kernel
 from shard.lora.layers import BatchSlots, MultiLoraLinear
-from shard.lora.peft_adapter import ModuleShape
+from loraplex.adapter_format import PROJECTIONS, ModuleShape
 from shard.lora.slot_pool import AdapterSlotPool
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGET_MODULES = PROJECTIONS
 
 
 class LoraRuntime:

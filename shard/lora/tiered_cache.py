@@ -1,4 +1,8 @@
-"""Adapters in tiers: device slots (the slot pool), host memory, local disk, then the source.
+"""Adapters in tiers: device slots (the slot pool), host memory, then local disk.
+
+The disk tier is the folder the source hands over, read in place: with the registry that is its
+content-addressed download cache (a miss there downloads from MLflow); with local adapters it is
+the adapter's own folder. There is no second copy.
 
 Everything slow — fetching, parsing, validating, copying into a slot — runs on loader threads.
 `try_acquire` only looks at state under a lock, so the decoding loop never waits for a load: it
@@ -11,7 +15,6 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import shutil
 import threading
 import time
 from collections import OrderedDict, deque
@@ -21,7 +24,7 @@ from typing import Callable
 
 from shard.lora.errors import AdapterError, AdapterInUseError, AdapterLoadTimeout, AdapterRejectedError
 from shard.lora.keys import AdapterKey
-from shard.lora.peft_adapter import CONFIG_FILE, WEIGHTS_FILE, HostAdapter, read_peft_adapter
+from shard.lora.peft_adapter import HostAdapter, read_peft_adapter
 from shard.lora.slot_pool import AdapterSlotPool
 from shard.lora.sources import AdapterSource
 
@@ -50,7 +53,7 @@ class AdapterInfo:
     active_requests: int
     size_bytes: int
     load_ms: float
-    sha256: str
+    weights_sha256: str
     last_used_unix_ms: int
 
 
@@ -100,7 +103,7 @@ class _Entry:
     rank: int = 0
     target_modules: list[str] = field(default_factory=list)
     size_bytes: int = 0
-    sha256: str = ""
+    weights_sha256: str = ""
     awaited: bool = False  # a waiting request asked for it (try_acquire), not an admin load
     protected_until: float = 0.0  # monotonic time; see FRESH_LOAD_PROTECTION_S
 
@@ -116,7 +119,6 @@ class TieredAdapterCache:
         source: AdapterSource,
         *,
         host_capacity: int,
-        disk_dir: Path | None = None,
         loader_threads: int = 1,
         load_observer: Callable[[str, float], None] | None = None,
     ):
@@ -128,7 +130,6 @@ class TieredAdapterCache:
         self._pool = pool
         self._source = source
         self._host_capacity = host_capacity
-        self._disk_dir = Path(disk_dir) if disk_dir is not None else None
         self._load_observer = load_observer
         self._lock = threading.Lock()
         self._slot_freed = threading.Condition(self._lock)
@@ -330,7 +331,7 @@ class TieredAdapterCache:
             active_requests=entry.refcount,
             size_bytes=entry.size_bytes,
             load_ms=entry.load_ms.get(tier, 0.0),
-            sha256=entry.sha256,
+            weights_sha256=entry.weights_sha256,
             last_used_unix_ms=entry.last_used_unix_ms,
         )
 
@@ -406,7 +407,7 @@ class TieredAdapterCache:
                 self._counters[DISK].misses += 1
         if disk_path is None:
             started = time.perf_counter()
-            disk_path = self._fetch_to_disk(key)
+            disk_path = Path(self._source.fetch(key))
             elapsed_ms = (time.perf_counter() - started) * 1000
             with self._lock:
                 entry.disk_path = disk_path
@@ -421,7 +422,7 @@ class TieredAdapterCache:
             entry.rank = adapter.rank
             entry.target_modules = adapter.target_modules
             entry.size_bytes = adapter.size_bytes
-            entry.sha256 = adapter.sha256
+            entry.weights_sha256 = adapter.weights_sha256
             entry.load_ms[HOST] = elapsed_ms
             self._locked_record_load(HOST, elapsed_ms)
             if self._host_capacity > 0:
@@ -433,21 +434,6 @@ class TieredAdapterCache:
                     self._entries[evicted].host = None
                     self._counters[HOST].evictions += 1
         return adapter
-
-    def _fetch_to_disk(self, key: AdapterKey) -> Path:
-        fetched = Path(self._source.fetch(key))
-        if self._disk_dir is None:
-            return fetched
-        target = self._disk_dir / _safe_component(key.name) / _safe_component(key.version)
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if (fetched / name).is_file():
-                shutil.copy2(fetched / name, partial / name)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        return target
 
     def _claim_slot(self, key: AdapterKey) -> int:
         """A free slot, else the least-recently-used evictable one; waits while every slot is
@@ -498,7 +484,3 @@ def _check_key(key: AdapterKey) -> None:
     if not key.name:
         raise ValueError("the base model (empty adapter name) needs no adapter slot")
 
-
-def _safe_component(text: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-    return safe if safe not in ("", ".", "..") else "_"

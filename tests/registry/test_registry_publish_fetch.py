@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from registry import AdapterNotFound, AdapterRejected, RegistryError, base_model_fingerprint
-from registry.demo_publish import publish_demo_adapters
-from registry.validation import content_sha256
+from loraplex.demo.publish import publish_demo_adapters
+from loraplex.adapter_format import folder_sha256
 
 
 def registered_model_exists(server_url: str, name: str) -> bool:
@@ -31,7 +31,7 @@ def test_publish_records_tags_and_alias(adapter_registry, make_adapter, tiny_bas
     published = adapter_registry.publish(folder, adapter_name, tiny_base, alias="champion", description="first")
     assert published.version == "1"
     assert published.aliases == ("champion",)
-    assert published.sha256 == content_sha256(folder)
+    assert published.folder_sha256 == folder_sha256(folder)
     assert published.base_fingerprint == base_model_fingerprint(tiny_base)
     assert published.rank == 4
     assert published.target_modules == ("q_proj", "o_proj")
@@ -142,10 +142,10 @@ def test_fetch_caches_by_content_and_refuses_corruption(
     first = make_adapter()
     v1 = adapter_registry.publish(first, adapter_name, tiny_base, alias="champion")
     cached = adapter_registry.fetch(adapter_name, "1", expected_base_fingerprint=base_model_fingerprint(tiny_base))
-    assert cached == adapter_registry.cache_dir / v1.sha256
-    assert content_sha256(cached) == v1.sha256
+    assert cached == adapter_registry.cache_dir / v1.folder_sha256
+    assert folder_sha256(cached) == v1.folder_sha256
     assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in first.iterdir())
-    before = content_sha256(cached)
+    before = folder_sha256(cached)
     # A second fetch is served from the cache: it works even with the artifact gone.
     artifact_file(mlflow_server, v1.run_id, "README.md").unlink()
     assert adapter_registry.fetch(adapter_name, "champion") == cached
@@ -159,9 +159,9 @@ def test_fetch_caches_by_content_and_refuses_corruption(
     with pytest.raises(AdapterRejected, match="corrupt"):
         adapter_registry.fetch(adapter_name, "champion")
     entries = sorted(p.name for p in adapter_registry.cache_dir.iterdir())
-    assert entries == [".versions", v1.sha256]  # no half-downloaded folder left behind
+    assert entries == [".versions", v1.folder_sha256]  # no half-downloaded folder left behind
     assert [p.name for p in (adapter_registry.cache_dir / ".versions" / adapter_name).iterdir()] == ["1.json"]
-    assert content_sha256(cached) == before
+    assert folder_sha256(cached) == before
 
 
 def test_fetch_refuses_other_base(adapter_registry, make_adapter, make_base, tiny_base, adapter_name):
@@ -213,6 +213,6 @@ def test_concurrent_fetches_share_one_cache_entry(adapter_registry, make_adapter
     published = adapter_registry.publish(make_adapter(), adapter_name, tiny_base, alias="champion")
     with ThreadPoolExecutor(max_workers=4) as pool:
         paths = list(pool.map(lambda _: adapter_registry.fetch(adapter_name, "champion"), range(4)))
-    assert set(paths) == {adapter_registry.cache_dir / published.sha256}
-    assert content_sha256(paths[0]) == published.sha256
+    assert set(paths) == {adapter_registry.cache_dir / published.folder_sha256}
+    assert folder_sha256(paths[0]) == published.folder_sha256
     assert not [p for p in adapter_registry.cache_dir.iterdir() if p.name.startswith(".incoming")]

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from registry import AdapterRejected, base_model_fingerprint, validate_adapter
-from registry.validation import content_sha256, projection_shapes
+from loraplex.adapter_format import ModuleShape, folder_sha256, llama_module_shapes
 
 
 def test_good_adapter_facts(make_adapter, tiny_base):
@@ -18,31 +18,32 @@ def test_good_adapter_facts(make_adapter, tiny_base):
     assert facts.rank == 8
     assert facts.target_modules == ("q_proj", "v_proj", "down_proj")
     assert facts.size_bytes == sum(p.stat().st_size for p in folder.iterdir())
-    assert facts.sha256 == content_sha256(folder)
+    assert facts.folder_sha256 == folder_sha256(folder)
 
 
 def test_gqa_shapes_from_config():
-    shapes = projection_shapes(
-        {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
+    shapes = llama_module_shapes(
+        {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+         "num_hidden_layers": 2}
     )
-    assert shapes["q_proj"] == (4096, 4096)
-    assert shapes["k_proj"] == (4096, 1024)
-    assert shapes["v_proj"] == (4096, 1024)
-    assert shapes["o_proj"] == (4096, 4096)
-    assert shapes["down_proj"] == (14336, 4096)
+    assert shapes["model.layers.1.self_attn.q_proj"] == ModuleShape(4096, 4096)
+    assert shapes["model.layers.1.self_attn.k_proj"] == ModuleShape(4096, 1024)
+    assert shapes["model.layers.1.self_attn.v_proj"] == ModuleShape(4096, 1024)
+    assert shapes["model.layers.1.self_attn.o_proj"] == ModuleShape(4096, 4096)
+    assert shapes["model.layers.1.mlp.down_proj"] == ModuleShape(14336, 4096)
     # An explicit head_dim wins over hidden/heads (as in Gemma-like configs).
-    assert projection_shapes(
-        {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 32}
-    )["q_proj"] == (64, 128)
+    assert llama_module_shapes(
+        {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 32, "num_hidden_layers": 1}
+    )["model.layers.0.self_attn.q_proj"] == ModuleShape(64, 128)
 
 
 def test_content_hash_is_deterministic_and_sensitive(make_adapter, tmp_path):
     folder = make_adapter()
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    assert content_sha256(copy) == content_sha256(folder)
+    assert folder_sha256(copy) == folder_sha256(folder)
     (copy / "README.md").write_text("changed")
-    assert content_sha256(copy) != content_sha256(folder)
+    assert folder_sha256(copy) != folder_sha256(folder)
 
 
 def test_pickle_checkpoint_refused(make_adapter, tiny_base):
@@ -62,7 +63,7 @@ def test_pickle_only_adapter_refused(make_adapter, tiny_base):
 def test_adapter_for_another_architecture_refused(make_adapter, make_base, tiny_base):
     wider_base = make_base(hidden=128)
     folder = make_adapter(base_dir=wider_base)
-    with pytest.raises(AdapterRejected, match=r"do not fit the base model"):
+    with pytest.raises(AdapterRejected, match=r"expected .* on this base model"):
         validate_adapter(folder, tiny_base, max_rank=64)
 
 
@@ -73,13 +74,13 @@ def test_tampered_tensor_shape_refused(make_adapter, tiny_base):
     # GQA: k_proj's output is num_key_value_heads * head_dim = 32, not hidden_size = 64.
     weights[key] = weights[key].new_zeros((64, weights[key].shape[1]))
     save_file(weights, folder / "adapter_model.safetensors")
-    with pytest.raises(AdapterRejected, match=r"k_proj.*lora_B \[64, 8\].*\[32, r\]"):
+    with pytest.raises(AdapterRejected, match=r"k_proj.*lora_B \(64, 8\), expected .* \(32, 8\)"):
         validate_adapter(folder, tiny_base, max_rank=64)
 
 
 def test_rank_above_limit_refused(make_adapter, tiny_base):
     folder = make_adapter(rank=16)
-    with pytest.raises(AdapterRejected, match="exceeds the registry's max_rank 8"):
+    with pytest.raises(AdapterRejected, match="exceeds the max rank 8"):
         validate_adapter(folder, tiny_base, max_rank=8)
 
 
@@ -92,7 +93,7 @@ def test_unknown_target_module_refused(make_adapter, tiny_base):
 def test_unparseable_config_refused(make_adapter, tiny_base):
     folder = make_adapter()
     (folder / "adapter_config.json").write_text("{ not json")
-    with pytest.raises(AdapterRejected, match="does not parse"):
+    with pytest.raises(AdapterRejected, match="not valid JSON"):
         validate_adapter(folder, tiny_base, max_rank=64)
 
 

@@ -110,7 +110,7 @@ def test_watcher_keeps_last_table_while_mlflow_is_down(
             adapter_registry.resolve(adapter_name, "champion")
         # A numbered version fetched before is served from the cache; an alias needs the server.
         assert adapter_registry.fetch(adapter_name, "1") == cached
-        assert cached.name == published.sha256
+        assert cached.name == published.folder_sha256
         with pytest.raises(RegistryUnavailable):
             adapter_registry.fetch(adapter_name, "champion")
         with pytest.raises(RegistryUnavailable):

@@ -70,7 +70,7 @@ def test_reads_factors_with_scale_folded_into_b(good_dir, shapes):
     assert torch.equal(adapter.modules[q].a, raw[f"base_model.model.{q}.lora_A.weight"])
     assert torch.allclose(adapter.modules[q].b_t, raw[f"base_model.model.{q}.lora_B.weight"].t() * (16 / 8))
     assert torch.allclose(adapter.modules[down].b_t, raw[f"base_model.model.{down}.lora_B.weight"].t() * (3 / 8))
-    assert len(adapter.sha256) == 64 and adapter.size_bytes == (good_dir / "adapter_model.safetensors").stat().st_size
+    assert len(adapter.weights_sha256) == 64 and adapter.size_bytes == (good_dir / "adapter_model.safetensors").stat().st_size
 
 
 def test_rslora_scaling(copy_of, shapes):
@@ -104,7 +104,7 @@ def test_unsupported_or_inconsistent_configs_are_refused(copy_of, shapes, change
 
 
 def test_rank_above_pool_limit_is_refused(good_dir, shapes):
-    with pytest.raises(AdapterRejectedError, match="exceeds this shard's max rank 4"):
+    with pytest.raises(AdapterRejectedError, match="exceeds the max rank 4"):
         read_peft_adapter(good_dir, KEY, shapes, max_rank=4)
 
 

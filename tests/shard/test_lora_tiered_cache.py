@@ -97,7 +97,7 @@ def test_first_acquire_loads_in_background_then_hits(runtime, adapter_dirs):
         assert stats(cache)["device"].misses == 1 and stats(cache)["device"].hits == 1
         [info] = cache.adapters()
         assert (info.adapter, info.tier, info.rank, info.active_requests) == (key("b"), "device", 8, 1)
-        assert info.target_modules == ["q_proj", "v_proj"] and len(info.sha256) == 64 and info.size_bytes > 0
+        assert info.target_modules == ["q_proj", "v_proj"] and len(info.weights_sha256) == 64 and info.size_bytes > 0
         assert stats(cache)["device"].load_ms_p95 >= stats(cache)["device"].load_ms_p50 > 0
         cache.release(key("b"))
         assert cache.adapters()[0].active_requests == 0
@@ -156,17 +156,31 @@ def test_in_use_and_pinned_adapters_are_never_evicted(runtime, adapter_dirs):
         assert tiers(cache)["b"] == "host"  # unpinned and least recently used
 
 
-def test_host_tier_is_lru_and_disk_tier_is_reused(runtime, adapter_dirs, tmp_path):
-    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=1, disk_dir=tmp_path) as cache:
+class CountingSource(LocalAdapterSource):
+    """Local folders, counting fetches: the disk tier is the folder a fetch returns, read in place."""
+
+    def __init__(self, dirs):
+        super().__init__(dirs)
+        self.fetches = []
+
+    def fetch(self, k):
+        self.fetches.append(k.name)
+        return super().fetch(k)
+
+
+def test_host_tier_is_lru_and_disk_tier_is_reused(runtime, adapter_dirs):
+    source = CountingSource(adapter_dirs)
+    with TieredAdapterCache(runtime.pool, source, host_capacity=1) as cache:
         cache.load(key("a"), timeout=WAIT_S)
         cache.load(key("b"), timeout=WAIT_S)
         assert stats(cache)["host"].evictions == 1 and stats(cache)["host"].used == 1
-        assert (tmp_path / "a" / "local" / "adapter_model.safetensors").is_file()
+        assert source.fetches == ["a", "b"] and stats(cache)["disk"].used == 2
         cache.load(key("c"), timeout=WAIT_S)  # evicts "a" from the device; "a" now only on disk
         assert tiers(cache)["a"] == "disk"
         disk = stats(cache)["disk"]
         cache.load(key("a"), timeout=WAIT_S)
         assert stats(cache)["disk"].hits == disk.hits + 1 and stats(cache)["disk"].misses == disk.misses
+        assert source.fetches == ["a", "b", "c"]  # "a" was read again from its folder, not fetched
 
 
 def test_corrupt_adapter_fails_once_and_leaves_the_cache_intact(runtime, adapter_dirs):

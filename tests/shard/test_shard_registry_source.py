@@ -1,13 +1,42 @@
 """A shard fetching adapters from a real MLflow registry: a published version answers like the same
 adapter folder served locally; an unknown version is NOT_FOUND; an alias is refused (the gateway
-resolves aliases, the shard caches by version)."""
+resolves aliases, the shard caches by version); a version with NaN weights made behind the
+registry's back is refused at load."""
 
 import asyncio
+import shutil
+from pathlib import Path
 
 import grpc
+from safetensors.torch import load_file, save_file
 
+from loraplex.adapter_format import folder_sha256
+from registry.adapter_registry import ARTIFACT_SUBDIR, DEFAULT_EXPERIMENT, TAG_BASE_FINGERPRINT, TAG_FOLDER_SHA256
+from registry.upload import upload_folder
 from tests.support.shard_server import generate_request, running_shard, shard_test_settings
 from protos import shard_pb2, shard_pb2_grpc
+
+
+def nan_copy(folder: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "nan-copy"
+    shutil.copytree(folder, copy)
+    weights = load_file(copy / "adapter_model.safetensors")
+    weights[sorted(weights)[0]][0, 0] = float("nan")
+    save_file(weights, copy / "adapter_model.safetensors")
+    return copy
+
+
+def publish_around_validation(registry, folder: Path, name: str, base_fingerprint: str) -> str:
+    """A version made with MLflow's own client, as someone bypassing `loraplex adapters publish`
+    would: artifacts and tags are consistent, the weights were never checked."""
+    run = registry.client.create_run(registry.client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id)
+    upload_folder(registry.client, run.info.run_id, folder, ARTIFACT_SUBDIR, progress=False)
+    registry.client.set_terminated(run.info.run_id)
+    version = registry.client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/{ARTIFACT_SUBDIR}", run_id=run.info.run_id,
+        tags={TAG_FOLDER_SHA256: folder_sha256(folder), TAG_BASE_FINGERPRINT: base_fingerprint},
+    )
+    return str(version.version)
 
 
 def test_registry_backed_shard_serves_published_versions(tiny_model_dir, tiny_adapter_dirs, adapter_registry, tmp_path):
@@ -30,14 +59,22 @@ def test_registry_backed_shard_serves_published_versions(tiny_model_dir, tiny_ad
             results.append((await stub.Stats(shard_pb2.StatsRequest())).base_fingerprint)
         return results
 
+    behind_the_back = publish_around_validation(adapter_registry, nan_copy(tiny_adapter_dirs["alpha"], tmp_path),
+                                                "alpha", published.base_fingerprint)
     by_version = generate_request(adapter="alpha", version=published.version, max_tokens=8)
     missing = generate_request(adapter="alpha", version="999")
     alias = generate_request(adapter="alpha", version="champion")
-    served, not_found, refused, fingerprint = asyncio.run(run(registry_settings, [by_version, missing, alias]))
+    poisoned = generate_request(adapter="alpha", version=behind_the_back)
+    served, not_found, refused, nan_refused, fingerprint = asyncio.run(
+        run(registry_settings, [by_version, missing, alias, poisoned])
+    )
     local, _ = asyncio.run(run(local_settings, [generate_request(adapter="alpha", max_tokens=8)]))
 
     assert [t for c in served for t in c.token_ids] == [t for c in local for t in c.token_ids]
     assert served[0].adapter.version == published.version
     assert not_found == grpc.StatusCode.NOT_FOUND
     assert refused == grpc.StatusCode.INVALID_ARGUMENT
+    # NaN weights that never went through publish are refused at load; the gateway keeps the
+    # version that served before when a shard answers FAILED_PRECONDITION (test_gateway_version_fallback).
+    assert nan_refused == grpc.StatusCode.FAILED_PRECONDITION
     assert fingerprint and fingerprint == published.base_fingerprint

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraplex.adapter_format import folder_sha256
 from registry.adapter_registry import AdapterRegistry, AdapterVersion
 from registry.errors import AdapterNotFound
 from registry.fingerprint import base_model_fingerprint
 from registry.routing import CHAMPION
-from registry.validation import content_sha256
 
 
 def publish_demo_adapters(
@@ -21,12 +21,12 @@ def publish_demo_adapters(
     fingerprint = base_model_fingerprint(Path(base_model_dir))
     champions: dict[str, AdapterVersion] = {}
     for name, folder in adapters.items():
-        sha256 = content_sha256(Path(folder))
+        content = folder_sha256(Path(folder))
         try:
             existing = registry.versions(name)
         except AdapterNotFound:
             existing = []
-        same = [v for v in existing if v.sha256 == sha256 and v.base_fingerprint == fingerprint]
+        same = [v for v in existing if v.folder_sha256 == content and v.base_fingerprint == fingerprint]
         if not same:
             champions[name] = registry.publish(
                 Path(folder), name, Path(base_model_dir), alias=CHAMPION, progress=progress,
