@@ -38,7 +38,7 @@ def test_a_shard_restarted_on_a_new_address_gets_its_own_adapters_back():
             pool = ShardPool(discovery, PlacementRing(), 0.05, 0.5)
             await pool.start()
             try:
-                assert pool.healthy_shards() == ["loraplex-shard-0", "loraplex-shard-1", "loraplex-shard-2"]
+                assert await wait_for(lambda: pool.healthy_shards() == ["loraplex-shard-0", "loraplex-shard-1", "loraplex-shard-2"])
                 before = {key: pool.ring.owners(key)[0] for key in KEYS}
                 moved_shard = servers[1]
                 assert "loraplex-shard-1" in before.values()
@@ -76,6 +76,7 @@ def test_a_second_live_shard_with_the_same_id_stays_out_of_the_ring():
             pool = ShardPool(StaticDiscovery([first.address, twin.address]), PlacementRing(), 0.05, 0.5)
             await pool.start()
             try:
+                await wait_for(lambda: any("already served" in s.last_error for s in pool.all()))
                 return pool.healthy_shards(), {s.address: s.describe() for s in pool.all()}
             finally:
                 await pool.stop()
@@ -99,6 +100,7 @@ def test_shard_metrics_are_labelled_by_shard_id_not_address():
             pool = build_shard_pool(settings, metrics)
             await pool.start()
             try:
+                await wait_for(lambda: pool.healthy_shards() == ["loraplex-shard-7"])
                 return pool.healthy_shards(), metrics.exposition().decode()
             finally:
                 await pool.stop()

@@ -25,6 +25,12 @@ def test_dns_discovery_finds_shards_behind_a_name(shard_servers):
         pool = ShardPool(DnsDiscovery("localhost", server.port, interval_s=0.2), PlacementRing(), 0.1, 0.5)
         await pool.start()
         try:
+            # Joining takes two calls (health, then Stats for the shard's id); on a busy machine the
+            # first round may time out, and the health loop tries again every 0.1 s.
+            for _ in range(100):
+                if server.shard_id in pool.healthy_shards():
+                    break
+                await asyncio.sleep(0.05)
             return pool.healthy_shards()
         finally:
             await pool.stop()
