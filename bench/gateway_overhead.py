@@ -262,6 +262,8 @@ class BenchProcesses:
             "LORAPLEX_GATEWAY_PORT": str(port),
             "LORAPLEX_GATEWAY_ADMIN_PORT": str(admin_port),
             "LORAPLEX_GATEWAY_SHARD_ADDRESSES": self.shard_address,
+            # A shard busy with 64 rows on a shared machine must not look dead to the health check.
+            "LORAPLEX_GATEWAY_HEALTH_TIMEOUT_S": "3.0",
             "LORAPLEX_GATEWAY_TENANTS_FILE": str(self.work_dir / "tenants.yaml"),
             "LORAPLEX_GATEWAY_STATIC_ROUTES": json.dumps({"legal": {"champion": "local"}}),
             "LORAPLEX_GATEWAY_WORKERS": str(self.gateway_workers),
@@ -380,7 +382,11 @@ class AiohttpGatewayPath:
 
         self._url = f"{url}/v1/completions"
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=120)
+            # Idle connections close on this side first: the gateway's uvicorn closes them after 5 s, and
+            # a request sent on one it is closing fails with "Server disconnected" (idle gaps happen
+            # while the other path's batch runs on a loaded machine).
+            connector=aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=2.0),
+            timeout=aiohttp.ClientTimeout(total=120),
         )
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self._body = json.dumps({"model": "legal", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
