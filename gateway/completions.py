@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult, ShardStream, StreamCut
-from gateway.errors import OpenAIError, VersionRefused, bad_request
+from gateway.errors import OpenAIError, ShardError, VersionRefused, bad_request, unservable_reason
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import (
     ChatChoice,
@@ -35,8 +36,11 @@ from gateway.shadow import ShadowMode
 from gateway.tenant_limits import Lease, TenantLimiter
 from gateway.tenants import Tenant
 from gateway.version_fallback import LastGoodVersions
+from loraplex.routing_table import FALLBACK_BASE
 
 log = logging.getLogger(__name__)
+
+Served = TypeVar("Served", GenerationResult, ShardStream)
 
 
 @dataclass
@@ -184,11 +188,7 @@ class CompletionService:
         tokens = 0
         primary = asyncio.get_running_loop().create_future()
         try:
-            try:
-                result = await self.dispatcher.generate(prepared.job, prepared.choice.model)
-            except VersionRefused as refused:
-                prepared = self._fall_back(prepared, refused)
-                result = await self.dispatcher.generate(prepared.job, prepared.choice.model)
+            prepared, result = await self._dispatch(prepared, self.dispatcher.generate)
             self.last_good.served(prepared.choice, result.version)
             tokens = result.prompt_tokens + result.completion_tokens
             self._observe(prepared, result)
@@ -204,11 +204,8 @@ class CompletionService:
         """Opens the shard stream (with failover) before any byte is sent, so headers name the shard."""
         lease = await self.limiter.admit(tenant, prepared.reserve_tokens)
         try:
-            try:
-                stream = await self.dispatcher.open_stream(prepared.job, prepared.choice.model)
-            except VersionRefused as refused:
-                prepared = self._fall_back(prepared, refused)  # nothing was sent yet: safe to retry
-                stream = await self.dispatcher.open_stream(prepared.job, prepared.choice.model)
+            # Nothing was sent yet: safe to aim the request elsewhere.
+            prepared, stream = await self._dispatch(prepared, self.dispatcher.open_stream)
             self.last_good.served(prepared.choice, stream.version)
         except BaseException:
             await self.limiter.release(lease, 0)
@@ -262,6 +259,36 @@ class CompletionService:
         self.metrics.token_count("completion", adapter).inc(result.completion_tokens)
         if prepared.stream is False:
             self.metrics.first_token_latency(prepared.choice.assignment).observe(result.first_token_s)
+
+    async def _dispatch(self, prepared: PreparedRequest, call: Callable[[GenerationJob, str], Awaitable[Served]]) -> tuple[PreparedRequest, Served]:
+        """`call` (the dispatcher's `generate` or `open_stream`) for the request, and the request as it
+        was finally served. The one place that decides what answers when the routed version cannot:
+        a refused version's last good one, then - when the adapter's fallback policy is `base` - the
+        base model, said by `x-loraplex-route: fallback`, a metric and a log line; else the error."""
+        try:
+            try:
+                return prepared, await call(prepared.job, prepared.choice.model)
+            except VersionRefused as refused:
+                prepared = self._fall_back(prepared, refused)
+                return prepared, await call(prepared.job, prepared.choice.model)
+        except ShardError as failure:
+            reason = unservable_reason(failure)
+            if prepared.choice.fallback != FALLBACK_BASE or reason is None:
+                raise
+            prepared = self._fall_back_to_base(prepared, failure, reason)
+            return prepared, await call(prepared.job, prepared.choice.model)
+
+    def _fall_back_to_base(self, prepared: PreparedRequest, failure: ShardError, reason: str) -> PreparedRequest:
+        """The request re-aimed at the base model. The tenant needs no grant of the base model for this:
+        falling back is the adapter owner's choice, open to whoever may use the adapter."""
+        choice = prepared.choice
+        log.warning(
+            "%s@%s cannot be served (%s: %s); the base model answers, as the adapter's fallback policy says",
+            choice.adapter, choice.version, reason, failure,
+        )
+        self.metrics.base_fallbacks.labels(choice.adapter, reason).inc()
+        base = replace(choice, adapter="", version="", assignment="fallback", shadow_version=None)
+        return replace(prepared, choice=base, job=replace(prepared.job, adapter="", version=""))
 
     def _fall_back(self, prepared: PreparedRequest, refused: VersionRefused) -> PreparedRequest:
         """The request re-aimed at the adapter's last good version, or `refused` raised again."""

@@ -10,7 +10,9 @@ schema too):
   `VersionRefused` and answers 503 `adapter_unavailable`: the caller did nothing wrong and a
   promotion fixes it. For champion and canary assignments the completion service first falls
   back to the adapter's last good version (gateway/version_fallback.py), so a broken promotion
-  does not take over; pinned requests see the 503.
+  does not take over; pinned requests see the 503. When no version can be served (refused,
+  `NOT_FOUND`, shards down: `unservable_reason`) and the adapter's fallback policy is `base`, the
+  completion service answers with the base model instead (`x-loraplex-route: fallback`).
 """
 
 from __future__ import annotations
@@ -124,6 +126,22 @@ RETRYABLE_CODES = frozenset(
     }
 )
 SHARD_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+
+def unservable_reason(error: ShardError) -> str | None:
+    """Why no shard could serve a version, when the base model might still answer instead: `refused`
+    (the version itself), `not_found` (its artifacts are gone), `shards_down`; None for failures the
+    base model would meet too (capacity, timeout) or that are the request's own (bad input)."""
+    if isinstance(error, VersionRefused):
+        return "refused"
+    if isinstance(error, NoShardAvailable):
+        return "shards_down"
+    if isinstance(error, ShardCallFailed):
+        if error.code == grpc.StatusCode.NOT_FOUND:
+            return "not_found"
+        if error.code in SHARD_DOWN_CODES:
+            return "shards_down"
+    return None
 
 
 def from_grpc(code: grpc.StatusCode, details: str, model: str) -> OpenAIError:

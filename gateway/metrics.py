@@ -5,8 +5,8 @@ writes its values to files in `PROMETHEUS_MULTIPROC_DIR` (prometheus_client's mu
 chosen when that variable is set before the worker starts) and `exposition()` merges all workers':
 counters and histograms add up, each gauge as its `multiprocess_mode` says.
 
-`assignment` is how a request's version was chosen: champion, canary, pinned or base (the
-`x-loraplex-route` response header).
+`assignment` is how a request's version was chosen: champion, canary, pinned, base, or fallback
+(the base model answered for an adapter whose version could not; the `x-loraplex-route` response header).
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ class GatewayMetrics:
         self.routing_age = Gauge("loraplex_gateway_routing_table_age_seconds", "Seconds since the routing table was last refreshed", multiprocess_mode="livemax", registry=r)
         self.version_fallbacks = Counter(
             "loraplex_gateway_version_fallbacks", "Requests served by the last good version after the shards refused a promoted one", ["adapter"], registry=r
+        )
+        self.base_fallbacks = Counter(
+            "loraplex_gateway_base_fallbacks",
+            "Requests the base model answered because the adapter's version could not be served and its fallback policy is base",
+            ["adapter", "reason"],
+            registry=r,
         )
         self.stream_cuts = Counter("loraplex_gateway_stream_cuts", "Streams ended by an error event after text was sent", registry=r)
         self.shadow_pairs = Gauge("loraplex_gateway_shadow_started", "Shadow copies started", multiprocess_mode="livesum", registry=r)

@@ -14,9 +14,11 @@ from typing import Literal
 from gateway.errors import bad_request, model_forbidden, model_not_found
 from gateway.routing_source import RoutingSource
 from gateway.tenants import Tenant
-from loraplex.routing_table import AdapterRoute
+from loraplex.routing_table import FALLBACK_NONE, AdapterRoute
 
-Assignment = Literal["champion", "canary", "pinned", "base"]
+# "fallback": the base model answered because the adapter's routed version could not
+# (the completion service decides it, from the route's `fallback` policy).
+Assignment = Literal["champion", "canary", "pinned", "base", "fallback"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class VersionChoice:
     version: str  # "" for the base model
     assignment: Assignment
     shadow_version: str | None = None
+    fallback: str = FALLBACK_NONE  # the route's fallback policy; pinned and base requests have none
 
 
 def split_model_id(model: str) -> tuple[str, str | None]:
@@ -83,7 +86,7 @@ class VersionRouter:
         if route.canary and route.canary_percent > 0:
             point = canary_bucket(route.name, sticky_key) if sticky_key else self._rng.random() * 100.0
             if point < route.canary_percent or not route.champion:
-                return VersionChoice(model, route.name, route.canary, "canary", route.shadow)
+                return VersionChoice(model, route.name, route.canary, "canary", route.shadow, route.fallback)
         if not route.champion:
             raise model_not_found(model, "no version holds the 'champion' alias")
-        return VersionChoice(model, route.name, route.champion, "champion", route.shadow)
+        return VersionChoice(model, route.name, route.champion, "champion", route.shadow, route.fallback)

@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from loraplex.routing_table import AdapterRoute, RoutingTable
+from loraplex.routing_table import FALLBACK_NONE, FALLBACK_POLICIES, AdapterRoute, RoutingTable
 
-_STATIC_ROUTE_KEYS = frozenset({"champion", "canary", "shadow", "canary_percent", "tenants"})
+_STATIC_ROUTE_KEYS = frozenset({"champion", "canary", "shadow", "canary_percent", "tenants", "fallback"})
 
 
 class RoutingSource(Protocol):
@@ -45,7 +45,7 @@ class StaticRoutingSource:
 
     @classmethod
     def from_mapping(cls, routes: Mapping[str, Any]) -> StaticRoutingSource:
-        """`{adapter: {champion, canary, shadow, canary_percent, tenants}}`; `{adapter: "3"}` = champion 3."""
+        """`{adapter: {champion, canary, shadow, canary_percent, tenants, fallback}}`; `{adapter: "3"}` = champion 3."""
         adapters = {}
         for name, spec in routes.items():
             if isinstance(spec, str):
@@ -56,9 +56,12 @@ class StaticRoutingSource:
             percent = float(spec.get("canary_percent") or 0.0)
             if not 0.0 <= percent <= 100.0:
                 raise ValueError(f"static route {name!r}: canary_percent must be within 0..100")
+            fallback = opt("fallback") or FALLBACK_NONE
+            if fallback not in FALLBACK_POLICIES:
+                raise ValueError(f"static route {name!r}: fallback must be one of {', '.join(FALLBACK_POLICIES)}")
             tenants = spec.get("tenants")
             adapters[name] = AdapterRoute(
-                name, opt("champion"), opt("canary"), opt("shadow"), percent, None if tenants is None else frozenset(tenants)
+                name, opt("champion"), opt("canary"), opt("shadow"), percent, None if tenants is None else frozenset(tenants), fallback
             )
         return cls(RoutingTable(adapters, time.time()))
 

@@ -13,6 +13,10 @@ CHAMPION, CANARY, SHADOW = "champion", "canary", "shadow"
 ROUTING_ALIASES = (CHAMPION, CANARY, SHADOW)
 # A tenant granted this in the tenants file may use every adapter (and the base model).
 EVERY_ADAPTER = "*"
+# What serves when an adapter's routed version cannot (refused, unloadable, its shards down): nothing
+# (the error reaches the client) or the base model (answered with `x-loraplex-route: fallback`).
+FALLBACK_NONE, FALLBACK_BASE = "none", "base"
+FALLBACK_POLICIES = (FALLBACK_NONE, FALLBACK_BASE)
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class AdapterRoute:
     canary_percent: float = 0.0
     # None: the registry sets no tenant list and the tenants file alone decides; otherwise only these.
     tenants: frozenset[str] | None = None
+    fallback: str = FALLBACK_NONE  # one of FALLBACK_POLICIES, chosen by the adapter's owner
 
     def alias_versions(self) -> dict[str, str]:
         """alias -> version, for the aliases that name one."""

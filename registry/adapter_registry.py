@@ -30,6 +30,8 @@ from registry.routing import (
     TAG_ADAPTER,
     TAG_CANARY_PERCENT,
     TAG_CHAMPION_HISTORY,
+    TAG_FALLBACK,
+    FALLBACK_POLICIES,
     MalformedTagWarnings,
     RoutingTable,
     route_from_registered_model,
@@ -364,6 +366,13 @@ class AdapterRegistry:
         self._registered_model(name)
         text = str(int(percent)) if float(percent).is_integer() else repr(float(percent))
         self._set_model_tag(name, TAG_CANARY_PERCENT, text)
+
+    def set_fallback(self, name: str, policy: str) -> None:
+        """What serves when `name`'s routed version cannot: `none` (the error) or `base` (the base model)."""
+        if policy not in FALLBACK_POLICIES:
+            raise RegistryError(f"fallback must be one of {', '.join(FALLBACK_POLICIES)}, not {policy!r}")
+        self._registered_model(name)
+        self._set_model_tag(name, TAG_FALLBACK, policy)
 
     def _alias_version(self, name: str, alias: str) -> str | None:
         model = self._registered_model(name)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from registry.errors import RegistryError
-from registry.routing import ROUTING_ALIASES
+from registry.routing import FALLBACK_POLICIES, ROUTING_ALIASES
 
 TRACKING_URI_VARIABLES = ("LORAPLEX_REGISTRY_TRACKING_URI", "MLFLOW_TRACKING_URI")
 DEFAULT_CACHE_DIR = Path("~/.cache/loraplex/adapters")
@@ -62,6 +62,13 @@ def add_adapter_commands(subparsers: argparse._SubParsersAction) -> argparse.Arg
     canary.add_argument("name")
     canary.add_argument("--percent", type=float, required=True)
     canary.set_defaults(handler=_reporting_errors(_canary))
+
+    fallback = command(
+        "fallback", "what answers when the adapter's version cannot be served: the error (none) or the base model (base)"
+    )
+    fallback.add_argument("name")
+    fallback.add_argument("policy", choices=FALLBACK_POLICIES)
+    fallback.set_defaults(handler=_reporting_errors(_fallback))
 
     rollback = command("rollback", "move champion back to the version it held before")
     rollback.add_argument("name")
@@ -137,6 +144,12 @@ def _promote(args: argparse.Namespace) -> int:
 def _canary(args: argparse.Namespace) -> int:
     _registry(args).set_canary_percent(args.name, args.percent)
     print(f"canary of {args.name} now takes {args.percent:g}% of its traffic")
+    return 0
+
+
+def _fallback(args: argparse.Namespace) -> int:
+    _registry(args).set_fallback(args.name, args.policy)
+    print(f"fallback of {args.name} is now {args.policy}")
     return 0
 
 

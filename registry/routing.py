@@ -8,9 +8,27 @@ from __future__ import annotations
 
 import logging
 
-from loraplex.routing_table import CANARY, CHAMPION, ROUTING_ALIASES, SHADOW, AdapterRoute, RoutingTable
+from loraplex.routing_table import (
+    CANARY,
+    CHAMPION,
+    FALLBACK_NONE,
+    FALLBACK_POLICIES,
+    ROUTING_ALIASES,
+    SHADOW,
+    AdapterRoute,
+    RoutingTable,
+)
 
-__all__ = ["CANARY", "CHAMPION", "ROUTING_ALIASES", "SHADOW", "AdapterRoute", "RoutingTable", "route_from_registered_model"]
+__all__ = [
+    "CANARY",
+    "CHAMPION",
+    "FALLBACK_POLICIES",
+    "ROUTING_ALIASES",
+    "SHADOW",
+    "AdapterRoute",
+    "RoutingTable",
+    "route_from_registered_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +36,7 @@ TAG_ADAPTER = "loraplex.adapter"
 TAG_CANARY_PERCENT = "loraplex.canary_percent"
 TAG_TENANTS = "loraplex.tenants"
 TAG_CHAMPION_HISTORY = "loraplex.champion_history"
+TAG_FALLBACK = "loraplex.fallback"
 
 
 def parse_canary_percent(raw: str | None) -> float | None:
@@ -29,6 +48,14 @@ def parse_canary_percent(raw: str | None) -> float | None:
     except ValueError:
         return None
     return value if 0.0 <= value <= 100.0 else None  # the comparison also rejects nan
+
+
+def parse_fallback(raw: str | None) -> str | None:
+    """The fallback policy (`none` when the tag is absent or empty), or None when the tag holds something else."""
+    if raw is None or raw.strip() == "":
+        return FALLBACK_NONE
+    value = raw.strip().lower()
+    return value if value in FALLBACK_POLICIES else None
 
 
 def parse_tenants(raw: str | None) -> frozenset[str] | None:
@@ -43,10 +70,10 @@ class MalformedTagWarnings:
     def __init__(self) -> None:
         self._seen: set[tuple[str, str, str]] = set()
 
-    def __call__(self, name: str, key: str, raw: str) -> None:
+    def __call__(self, name: str, key: str, raw: str, expected: str = "a number in 0..100", applied: str = "its canary gets 0%") -> None:
         if (name, key, raw) not in self._seen:
             self._seen.add((name, key, raw))
-            logger.warning("adapter %s: tag %s=%r is not a number in 0..100; its canary gets 0%%", name, key, raw)
+            logger.warning("adapter %s: tag %s=%r is not %s; %s", name, key, raw, expected, applied)
 
 
 def route_from_registered_model(model: dict, warn: MalformedTagWarnings | None = None) -> AdapterRoute:
@@ -58,6 +85,10 @@ def route_from_registered_model(model: dict, warn: MalformedTagWarnings | None =
     if canary_percent is None:
         (warn or MalformedTagWarnings())(name, TAG_CANARY_PERCENT, tags[TAG_CANARY_PERCENT])
         canary_percent = 0.0
+    fallback = parse_fallback(tags.get(TAG_FALLBACK))
+    if fallback is None:
+        (warn or MalformedTagWarnings())(name, TAG_FALLBACK, tags[TAG_FALLBACK], " or ".join(FALLBACK_POLICIES), "it gets no fallback")
+        fallback = FALLBACK_NONE
     return AdapterRoute(
         name=name,
         champion=aliases.get(CHAMPION),
@@ -65,4 +96,5 @@ def route_from_registered_model(model: dict, warn: MalformedTagWarnings | None =
         shadow=aliases.get(SHADOW),
         canary_percent=canary_percent,
         tenants=parse_tenants(tags.get(TAG_TENANTS)),
+        fallback=fallback,
     )

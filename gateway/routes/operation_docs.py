@@ -91,7 +91,7 @@ class StreamingOperation(DocumentedOperation):
 SERVED_BY_HEADERS = {
     "x-loraplex-adapter": _string_header("The adapter, or the base model id"),
     "x-loraplex-version": _string_header("The adapter version; empty for the base model"),
-    "x-loraplex-route": _string_header("How the version was chosen: champion, canary, pinned or base"),
+    "x-loraplex-route": _string_header("How the version was chosen: champion, canary, pinned or base; fallback when the base model answered because the adapter's version could not be served (its loraplex.fallback tag is base)"),
     "x-loraplex-shard": _string_header("The shard that answered"),
 }
 SESSION_PARAMETER = Parameter(

@@ -28,9 +28,14 @@ class ScriptedShard(shard_pb2_grpc.ShardServicer):
         self.requests: list[shard_pb2.GenerateRequest] = []
         self.loaded: dict[tuple[str, str], bool] = {}
         self.cancelled = 0
+        # (adapter, version) -> the status this shard refuses it with (FAILED_PRECONDITION: corrupt artifacts).
+        self.faults: dict[tuple[str, str], grpc.StatusCode] = {}
 
     async def Generate(self, request, context):
         self.requests.append(request)
+        fault = self.faults.get((request.adapter.name, request.adapter.version))
+        if fault is not None:
+            await context.abort(fault, f"scripted {fault.name} for {request.adapter.name} v{request.adapter.version} on {self.name}")
         mode = self.mode
         codes = {
             "fail_before_first": grpc.StatusCode.UNAVAILABLE,

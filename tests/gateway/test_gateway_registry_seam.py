@@ -30,14 +30,18 @@ def test_router_over_the_registry_routing_table():
         _registered_model("legal", {"champion": "4", "canary": "5", "shadow": "6"}, {"loraplex.canary_percent": "100"}),
         _registered_model("clinical", {"champion": "1"}, {"loraplex.tenants": "other"}),
         _registered_model("closed", {"champion": "1"}, {"loraplex.tenants": ""}),
+        _registered_model("sql", {"champion": "2"}, {"loraplex.fallback": " base "}),
     ]
     table = routing_table.RoutingTable({e["name"]: registry_routing.route_from_registered_model(e) for e in entries}, 1.0)
     router = VersionRouter(StaticRoutingSource(table))
-    acme = Tenant("acme", ("0" * 64,), frozenset({"legal", "clinical", "closed"}), None, TenantLimits())
+    acme = Tenant("acme", ("0" * 64,), frozenset({"legal", "clinical", "closed", "sql"}), None, TenantLimits())
     choice = router.resolve("legal", acme, "user-1")
-    assert (choice.version, choice.assignment, choice.shadow_version) == ("5", "canary", "6")
+    assert (choice.version, choice.assignment, choice.shadow_version, choice.fallback) == ("5", "canary", "6", "none")
+    # The adapter's fallback policy travels with its routed choices, never with a pinned one.
+    assert router.resolve("sql", acme).fallback == "base"
+    assert router.resolve("sql@2", acme).fallback == "none"
     for name in ("clinical", "closed"):  # another tenant's, and nobody's
         with pytest.raises(OpenAIError) as exc:
             router.resolve(name, acme)
         assert exc.value.status == 403
-    assert router.usable_models(acme) == ["legal", "legal@4", "legal@5"]
+    assert router.usable_models(acme) == ["legal", "legal@4", "legal@5", "sql", "sql@2"]

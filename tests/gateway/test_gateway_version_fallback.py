@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from gateway_fixtures import ACME_KEY, ADMIN_KEY, PortClient, auth
-from gateway_scripted_shard import ScriptedShard, ScriptedShardServer
+from gateway_scripted_shard import ScriptedShardServer
 from litestar.testing import TestClient
 
 from gateway.app import create_apps
@@ -19,28 +19,16 @@ from gateway.version_fallback import LastGoodVersions
 ADMIN_PORT = 8001
 
 
-class RefusingShard(ScriptedShard):
-    """Refuses the versions in `refused`, as a shard refuses corrupt artifacts."""
-
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.refused: set[tuple[str, str]] = set()
-
-    async def Generate(self, request, context):
-        if (request.adapter.name, request.adapter.version) in self.refused:
-            self.requests.append(request)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request.adapter.name} v{request.adapter.version} artifacts are corrupt")
-        async for chunk in super().Generate(request, context):
-            yield chunk
-
-
 @pytest.fixture
 def refusing_shard():
-    server = ScriptedShardServer("r0")
-    server.servicer = RefusingShard("r0")
-    server.start()
+    server = ScriptedShardServer("r0").start()
     yield server
     server.close()
+
+
+def refuse(server: ScriptedShardServer, adapter: str, version: str) -> None:
+    """The shard refuses that version, as a shard refuses corrupt artifacts."""
+    server.servicer.faults[(adapter, version)] = grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _client(tmp_path, tenants_file, shard, source, retry_s=30.0):
@@ -63,7 +51,7 @@ def _complete(client, model="legal", **extra):
 
 def test_refused_champion_falls_back_to_the_last_good_version(tmp_path, tenants_file, refusing_shard):
     source = StaticRoutingSource.from_mapping({"legal": {"champion": "1"}})
-    refusing_shard.servicer.refused.add(("legal", "2"))
+    refuse(refusing_shard, "legal", "2")
     with _client(tmp_path, tenants_file, refusing_shard, source) as client:
         assert _complete(client).headers["x-loraplex-version"] == "1"
         source.replace(StaticRoutingSource.from_mapping({"legal": {"champion": "2"}}).current())  # promoted
@@ -86,7 +74,7 @@ def test_refused_champion_falls_back_to_the_last_good_version(tmp_path, tenants_
 
 def test_without_a_last_good_version_the_refusal_is_a_503(tmp_path, tenants_file, refusing_shard):
     source = StaticRoutingSource.from_mapping({"legal": {"champion": "2"}})
-    refusing_shard.servicer.refused.add(("legal", "2"))
+    refuse(refusing_shard, "legal", "2")
     with _client(tmp_path, tenants_file, refusing_shard, source) as client:
         response = _complete(client)
         assert response.status_code == 503

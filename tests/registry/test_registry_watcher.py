@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from registry import RegistryUnavailable, RoutingTableWatcher
+from registry import RegistryError, RegistryUnavailable, RoutingTableWatcher
 
 
 def wait_for(condition, timeout_s: float) -> bool:
@@ -86,6 +86,26 @@ def test_tag_edits_reach_watcher(adapter_registry, make_adapter, tiny_base, adap
     )
     assert deleted.status_code == 200, deleted.text
     assert wait_for(lambda: watcher.current().route(adapter_name).tenants is None, 5.0)
+
+
+def test_fallback_tag_reaches_watcher(adapter_registry, make_adapter, tiny_base, adapter_name, mlflow_server, watcher, caplog):
+    from mlflow.tracking import MlflowClient
+
+    adapter_registry.publish(make_adapter(), adapter_name, tiny_base, alias="champion")
+    assert wait_for(lambda: (r := watcher.current().route(adapter_name)) is not None and r.champion == "1", 5.0)
+    assert watcher.current().route(adapter_name).fallback == "none"
+    # As the MLflow UI or any MLflow client sets it, and as `loraplex adapters fallback` does.
+    MlflowClient(mlflow_server.url).set_registered_model_tag(adapter_name, "loraplex.fallback", "Base")
+    assert wait_for(lambda: watcher.current().route(adapter_name).fallback == "base", 5.0)
+    with caplog.at_level(logging.WARNING, logger="registry.routing"):
+        MlflowClient(mlflow_server.url).set_registered_model_tag(adapter_name, "loraplex.fallback", "maybe")
+        assert wait_for(lambda: watcher.current().route(adapter_name).fallback == "none", 5.0)
+    assert any("'maybe'" in record.getMessage() and "none or base" in record.getMessage() for record in caplog.records)
+    adapter_registry.set_fallback(adapter_name, "base")
+    assert wait_for(lambda: watcher.current().route(adapter_name).fallback == "base", 5.0)
+    with pytest.raises(RegistryError, match="fallback must be one of none, base"):
+        adapter_registry.set_fallback(adapter_name, "champion")
+    assert adapter_registry.routing_table().route(adapter_name).fallback == "base"
 
 
 def test_watcher_keeps_last_table_while_mlflow_is_down(
