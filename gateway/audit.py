@@ -17,7 +17,7 @@ import threading
 from datetime import datetime, timezone
 from typing import Any
 
-from loraplex.routing_table import ROUTING_ALIASES, RoutingTable
+from loraplex.routing_table import FALLBACK_NONE, ROUTING_ALIASES, RoutingTable
 from gateway.tenants import sha256_hex
 
 AUDIT_LOGGER_NAME = "loraplex.audit"
@@ -31,7 +31,11 @@ def key_id(api_key: str) -> str:
 
 def _route_summary(table: RoutingTable) -> dict[str, dict[str, Any]]:
     return {
-        name: {**{alias: getattr(route, alias) for alias in ROUTING_ALIASES}, "canary_percent": route.canary_percent}
+        name: {
+            **{alias: getattr(route, alias) for alias in ROUTING_ALIASES},
+            "canary_percent": route.canary_percent,
+            "fallback": route.fallback,
+        }
         for name, route in table.adapters.items()
     }
 
@@ -75,5 +79,8 @@ class AuditTrail:
                 self.record(
                     "registry", "routing.canary_percent_changed", adapter=name, from_percent=was_percent, to_percent=route.canary_percent
                 )
+            was_fallback = old.fallback if old else FALLBACK_NONE
+            if was_fallback != route.fallback:
+                self.record("registry", "routing.fallback_changed", adapter=name, from_policy=was_fallback, to_policy=route.fallback)
         for name in before.adapters.keys() - table.adapters.keys():
             self.record("registry", "routing.adapter_removed", adapter=name)

@@ -57,7 +57,7 @@ def test_every_admin_action_is_one_audit_line_naming_the_key_by_id(admin_client,
 def test_routing_changes_the_source_reports_are_audited(parts, client, audit_lines):
     source = parts.routing_source
     moved = StaticRoutingSource.from_mapping(
-        {**{k: v for k, v in ROUTES.items() if k != "sql"}, "legal": {"champion": "2", "canary": "3", "canary_percent": 25}}
+        {**{k: v for k, v in ROUTES.items() if k != "sql"}, "legal": {"champion": "2", "canary": "3", "canary_percent": 25, "fallback": "base"}}
     ).current()
     source.replace(moved)
     source.replace(moved)  # the same table again: nothing changed, nothing logged
@@ -67,10 +67,13 @@ def test_routing_changes_the_source_reports_are_audited(parts, client, audit_lin
         ("routing.alias_moved", "legal", "champion", "1", "2"),
         ("routing.alias_moved", "legal", "canary", "2", "3"),
         ("routing.canary_percent_changed", "legal", None, None, None),
+        ("routing.fallback_changed", "legal", None, None, None),
         ("routing.adapter_removed", "sql", None, None, None),
     }
     percent = next(l for l in lines if l["event"] == "routing.canary_percent_changed")
     assert (percent["from_percent"], percent["to_percent"]) == (0.0, 25.0)
+    fallback = next(l for l in lines if l["event"] == "routing.fallback_changed")
+    assert (fallback["from_policy"], fallback["to_policy"]) == ("none", "base")
 
 
 def test_a_refused_version_is_audited_once_per_refusal_period():
