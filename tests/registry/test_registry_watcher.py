@@ -91,6 +91,8 @@ def test_tag_edits_reach_watcher(adapter_registry, make_adapter, tiny_base, adap
 def test_fallback_tag_reaches_watcher(adapter_registry, make_adapter, tiny_base, adapter_name, mlflow_server, watcher, caplog):
     from mlflow.tracking import MlflowClient
 
+    from registry import cli as registry_cli
+
     adapter_registry.publish(make_adapter(), adapter_name, tiny_base, alias="champion")
     assert wait_for(lambda: (r := watcher.current().route(adapter_name)) is not None and r.champion == "1", 5.0)
     assert watcher.current().route(adapter_name).fallback == "none"
@@ -101,7 +103,7 @@ def test_fallback_tag_reaches_watcher(adapter_registry, make_adapter, tiny_base,
         MlflowClient(mlflow_server.url).set_registered_model_tag(adapter_name, "loraplex.fallback", "maybe")
         assert wait_for(lambda: watcher.current().route(adapter_name).fallback == "none", 5.0)
     assert any("'maybe'" in record.getMessage() and "none or base" in record.getMessage() for record in caplog.records)
-    adapter_registry.set_fallback(adapter_name, "base")
+    assert registry_cli.main(["adapters", "fallback", "--tracking-uri", mlflow_server.url, adapter_name, "base"]) == 0
     assert wait_for(lambda: watcher.current().route(adapter_name).fallback == "base", 5.0)
     with pytest.raises(RegistryError, match="fallback must be one of none, base"):
         adapter_registry.set_fallback(adapter_name, "champion")
