@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.adapter_format import PROJECTIONS
 
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+ALL_PROJECTIONS = list(PROJECTIONS)
 _seeds = itertools.count(1)
 
 

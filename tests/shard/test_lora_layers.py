@@ -8,11 +8,12 @@ import pytest
 import torch
 from peft import PeftModel
 
+from loraplex.adapter_format import PROJECTIONS
 from shard.lora import AdapterKey, install_multi_lora, read_peft_adapter
 from shard.lora.batch_plan import plan_batch
 from bench.synthetic_models import random_llama, random_llama_config, save_random_peft_adapter
 
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL = PROJECTIONS
 
 # name -> options for save_random_peft_adapter: ranks 4..64, different module subsets and options.
 ADAPTERS = {

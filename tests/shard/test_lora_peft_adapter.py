@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraplex.adapter_format import PROJECTIONS
 from shard.lora import AdapterKey, AdapterNotFoundError, AdapterRejectedError, LocalAdapterSource, read_peft_adapter
 from shard.lora.peft_adapter import ModuleShape
 from bench.synthetic_models import random_llama, random_llama_config, save_random_peft_adapter
@@ -25,7 +26,7 @@ def shapes(base):
     return {
         name: ModuleShape(m.in_features, m.out_features)
         for name, m in base.named_modules()
-        if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        if name.rsplit(".", 1)[-1] in PROJECTIONS
     }
 
 

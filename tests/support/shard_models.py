@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.adapter_format import PROJECTIONS
+
 # name -> (rank, alpha, target modules, seed): mixed ranks and module subsets on purpose.
 TINY_ADAPTERS = {
-    "alpha": (8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 11),
+    "alpha": (8, 16, PROJECTIONS, 11),
     "beta": (16, 8, ("q_proj", "v_proj"), 12),
     "gamma": (4, 8, ("o_proj", "down_proj", "up_proj"), 13),
 }
