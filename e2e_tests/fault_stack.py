@@ -136,15 +136,16 @@ class FaultStack:
         config_path.write_text(json.dumps(config, indent=2))
         return target
 
-    def publish_variant(self, adapter: str, label: str, lora_alpha_factor: float = 2.0) -> str:
+    def publish_variant(self, adapter: str, label: str, lora_alpha_factor: float = 2.0, name: str | None = None) -> str:
+        """A variant of the demo adapter `adapter`, published as a new version of `name` (default: `adapter`)."""
         folder = self.variant_folder(adapter, label, lora_alpha_factor)
-        return self.registry().publish(folder, adapter, self.base_dir).version
+        return self.registry().publish(folder, name or adapter, self.base_dir).version
 
-    def publish_corrupt_variant(self, adapter: str, label: str) -> str:
+    def publish_corrupt_variant(self, adapter: str, label: str, name: str | None = None) -> str:
         """A new version whose stored weights are then damaged: bytes flipped inside the tensor
         data (the header stays valid), so only the sha256 check can tell."""
-        version = self.publish_variant(adapter, label, lora_alpha_factor=3.0)
-        path = self.artifact_file(self.registry().resolve(adapter, version).run_id, "adapter_model.safetensors")
+        version = self.publish_variant(adapter, label, lora_alpha_factor=3.0, name=name)
+        path = self.artifact_file(self.registry().resolve(name or adapter, version).run_id, "adapter_model.safetensors")
         data = bytearray(path.read_bytes())
         for offset in range(len(data) - 64, len(data) - 32):
             data[offset] ^= 0x5A
