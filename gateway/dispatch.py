@@ -20,6 +20,7 @@ import grpc
 from gateway import errors
 from gateway.errors import NoShardAvailable, ShardCallFailed
 from gateway.shards import ShardPool
+from loraplex.adapter_format import adapter_ref
 from protos import shard_pb2
 
 FINISH_REASONS = {
@@ -44,7 +45,7 @@ class GenerationJob:
 
     @property
     def placement_key(self) -> str:
-        return f"{self.adapter}@{self.version}" if self.adapter else ""
+        return adapter_ref(self.adapter, self.version) if self.adapter else ""
 
     def to_proto(self) -> shard_pb2.GenerateRequest:
         sampling = shard_pb2.SamplingParams(

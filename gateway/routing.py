@@ -14,6 +14,7 @@ from typing import Literal
 from gateway.errors import bad_request, model_forbidden, model_not_found
 from gateway.routing_source import RoutingSource
 from gateway.tenants import Tenant
+from loraplex.adapter_format import adapter_ref
 from loraplex.routing_table import FALLBACK_NONE, AdapterRoute
 
 # "fallback": the base model answered because the adapter's routed version could not
@@ -56,7 +57,7 @@ class VersionRouter:
         for name, route in self.source.current().adapters.items():
             if tenant.may_use(name, route):
                 names.add(name)
-                names.update(f"{name}@{version}" for version in (route.champion, route.canary) if version)
+                names.update(adapter_ref(name, version) for version in (route.champion, route.canary) if version)
         if tenant.may_use(self.base_model_id):
             names.add(self.base_model_id)
         return sorted(names)

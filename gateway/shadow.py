@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult
 from gateway.errors import ShardError
+from loraplex.adapter_format import adapter_ref
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class ShadowRecorder:
 
     def aggregates(self, adapter: str | None = None) -> dict[str, dict[str, float]]:
         with self._lock:
-            return {f"{a}@{v}": agg.metrics() for (a, v), agg in self._latest.items() if adapter is None or a == adapter}
+            return {adapter_ref(a, v): agg.metrics() for (a, v), agg in self._latest.items() if adapter is None or a == adapter}
 
 
 class ShadowMode:
@@ -257,7 +258,7 @@ class ShadowMode:
 
     async def _run(self, job: GenerationJob, shadow_job: GenerationJob, tenant: str, primary: asyncio.Future) -> None:
         try:
-            shadow = await self.dispatcher.generate(shadow_job, f"{job.adapter}@{shadow_job.version}", allow_retry=False)
+            shadow = await self.dispatcher.generate(shadow_job, adapter_ref(job.adapter, shadow_job.version), allow_retry=False)
             first = await asyncio.wait_for(asyncio.shield(primary), self.primary_wait_s)
         except (ShardError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
             log.info("shadow copy of %s dropped: %s", job.request_id, exc)

@@ -23,6 +23,7 @@ from dataclasses import replace
 import msgspec
 
 from gateway.routing import VersionChoice
+from loraplex.adapter_format import adapter_ref
 
 FALLBACK_ASSIGNMENTS = frozenset({"champion", "canary"})
 
@@ -105,7 +106,7 @@ class LastGoodVersions:
         with self._lock:
             return VersionFallbacks(
                 dict(self._last_good),
-                {f"{a}@{v}": round(until - now, 1) for (a, v), until in self._refused_until.items() if until > now},
+                {adapter_ref(a, v): round(until - now, 1) for (a, v), until in self._refused_until.items() if until > now},
                 self.fallbacks,
             )
 

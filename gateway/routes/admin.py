@@ -20,12 +20,13 @@ from gateway.audit import key_id
 from gateway.errors import OpenAIError, bad_request
 from gateway.parts import GatewayParts, Parts
 from gateway.routes.authentication import EXCLUDE_FROM_AUTH
-from gateway.settings import GatewaySettings
 from gateway.routes.operation_docs import DocumentedOperation
 from gateway.routes.responses import ADMIN_ERRORS, error_responses
+from gateway.settings import GatewaySettings
 from gateway.shadow import ShadowPair
 from gateway.shards import ShardView
 from gateway.version_fallback import VersionFallbacks
+from loraplex.adapter_format import adapter_ref
 from protos import shard_pb2
 
 ADMIN_TIMEOUT_S = 60.0
@@ -103,7 +104,7 @@ def _targets(parts: GatewayParts, action: AdapterAction) -> tuple[str, list[str]
         if unknown:
             raise OpenAIError(404, f"Unknown shards: {unknown}", "invalid_request_error", "shard_not_found", "shards")
         return version, list(action.shards)
-    owners = parts.pool.ring.owners(f"{action.adapter}@{version}", action.replicas)
+    owners = parts.pool.ring.owners(adapter_ref(action.adapter, version), action.replicas)
     if not owners:
         raise errors.no_shard_available()
     return version, owners
@@ -126,7 +127,7 @@ async def list_shards(parts: Parts) -> ShardsView:
     placement = {}
     for name, route in parts.routing_source.current().adapters.items():
         for version in route.alias_versions().values():
-            key = f"{name}@{version}"
+            key = adapter_ref(name, version)
             placement[key] = ring.ring_order(key)
     return ShardsView(
         [s.describe() for s in parts.pool.all()],
