@@ -166,15 +166,28 @@ def _audit(parts: GatewayParts, request: Request, event: str, result: AdapterAct
     )
 
 
+async def _act_on_shards(parts: GatewayParts, request: Request, event: str, data: AdapterAction, version: str, shards: list[str], call, pinned: bool | None = None) -> AdapterActionResult:
+    """One admin adapter action: the same shard call on every target, one result, one audit line."""
+    result = AdapterActionResult(data.adapter, version, await _on_shards(parts, shards, call), pinned)
+    _audit(parts, request, event, result)
+    return result
+
+
+def _load(ref: shard_pb2.AdapterRef, pin: bool):
+    req = shard_pb2.LoadAdapterRequest(adapter=ref, pin=pin)
+    return lambda stub: stub.LoadAdapter(req, timeout=ADMIN_TIMEOUT_S)
+
+
+def _unload(ref: shard_pb2.AdapterRef, unpin_only: bool):
+    req = shard_pb2.UnloadAdapterRequest(adapter=ref, unpin_only=unpin_only)
+    return lambda stub: stub.UnloadAdapter(req, timeout=ADMIN_TIMEOUT_S)
+
+
 @post("/adapters/load", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Load an adapter version on the shards that own it")
 async def load_adapter(data: JSONBody[AdapterAction], parts: Parts, request: Request) -> AdapterActionResult:
     version, shards = _targets(parts, data)
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
-    req = shard_pb2.LoadAdapterRequest(adapter=ref, pin=data.pin)
-    results = await _on_shards(parts, shards, lambda stub: stub.LoadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    result = AdapterActionResult(data.adapter, version, results)
-    _audit(parts, request, "adapters.load", result)
-    return result
+    return await _act_on_shards(parts, request, "adapters.load", data, version, shards, _load(ref, data.pin))
 
 
 @post("/adapters/unload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Unload (or only unpin) an adapter version on shards")
@@ -185,11 +198,7 @@ async def unload_adapter(data: JSONBody[AdapterAction], parts: Parts, request: R
     if not data.shards:
         shards = parts.pool.healthy_shards()  # it may have spilled anywhere: unload everywhere
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
-    req = shard_pb2.UnloadAdapterRequest(adapter=ref, unpin_only=data.unpin_only)
-    results = await _on_shards(parts, shards, lambda stub: stub.UnloadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    result = AdapterActionResult(data.adapter, version, results)
-    _audit(parts, request, "adapters.unload", result)
-    return result
+    return await _act_on_shards(parts, request, "adapters.unload", data, version, shards, _unload(ref, data.unpin_only))
 
 
 @post("/adapters/pin", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Pin (pin=true) or unpin (pin=false) an adapter version")
@@ -197,14 +206,9 @@ async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts, request: Requ
     version, shards = _targets(parts, data)
     ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
     if data.pin:
-        req = shard_pb2.LoadAdapterRequest(adapter=ref, pin=True)
-        results = await _on_shards(parts, shards, lambda stub: stub.LoadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    else:
-        req = shard_pb2.UnloadAdapterRequest(adapter=ref, unpin_only=True)
-        results = await _on_shards(parts, parts.pool.healthy_shards(), lambda stub: stub.UnloadAdapter(req, timeout=ADMIN_TIMEOUT_S))
-    result = AdapterActionResult(data.adapter, version, results, data.pin)
-    _audit(parts, request, "adapters.pin", result)
-    return result
+        return await _act_on_shards(parts, request, "adapters.pin", data, version, shards, _load(ref, True), pinned=True)
+    # An unpin goes everywhere: the version may have spilled onto any shard.
+    return await _act_on_shards(parts, request, "adapters.pin", data, version, parts.pool.healthy_shards(), _unload(ref, True), pinned=False)
 
 
 @post("/routing/reload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Re-read the routing table and the tenants file now")
