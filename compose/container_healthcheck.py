@@ -13,6 +13,7 @@ the standard grpc.health.v1 protocol that Kubernetes' `grpc:` probes also use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import urllib.error
 import urllib.request
@@ -20,11 +21,23 @@ import urllib.request
 HEALTHY, UNHEALTHY, UNREACHABLE = 0, 1, 2
 
 
-def check_grpc(address: str, service: str, timeout_s: float) -> tuple[int, str]:
+def _read(path: str | None) -> bytes | None:
+    with open(path, "rb") if path else contextlib.nullcontext() as f:
+        return f.read() if f else None
+
+
+def check_grpc(address: str, service: str, timeout_s: float, tls: argparse.Namespace | None = None) -> tuple[int, str]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    if tls is not None and tls.tls_ca:
+        # A TLS shard: its CA, and for mutual TLS a client certificate.
+        credentials = grpc.ssl_channel_credentials(_read(tls.tls_ca), _read(tls.tls_key), _read(tls.tls_cert))
+        options = (("grpc.ssl_target_name_override", tls.tls_server_name),) if tls.tls_server_name else ()
+        channel = grpc.secure_channel(address, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -55,12 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     grpc_parser = kinds.add_parser("grpc", help="grpc.health.v1 Check")
     grpc_parser.add_argument("address", help="host:port")
     grpc_parser.add_argument("--service", default="", help="service name ('' = the whole server)")
+    grpc_parser.add_argument("--tls-ca", help="PEM CA: talk TLS, verifying the server against it")
+    grpc_parser.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    grpc_parser.add_argument("--tls-key", help="PEM client key (mutual TLS)")
+    grpc_parser.add_argument("--tls-server-name", help="the name the server's certificate carries")
     http_parser = kinds.add_parser("http", help="GET, healthy on 2xx")
     http_parser.add_argument("url")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds")
     args = parser.parse_args(argv)
     if args.kind == "grpc":
-        status, message = check_grpc(args.address, args.service, args.timeout)
+        status, message = check_grpc(args.address, args.service, args.timeout, args)
     else:
         status, message = check_http(args.url, args.timeout)
     print(message, file=sys.stdout if status == HEALTHY else sys.stderr)

@@ -33,6 +33,7 @@ from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
 from gateway.tenant_limits import LocalTenantLimiter, TenantLimiter
 from gateway.tenants import TenantDirectory
 from gateway.version_fallback import LastGoodVersions
+from loraplex.grpc_tls import channel_credentials
 from loraplex.telemetry import tracer_provider
 
 ShadowAggregateSink = Callable[[str, str, dict[str, float]], None]
@@ -219,4 +220,10 @@ def build_shard_pool(settings: GatewaySettings, metrics: GatewayMetrics, tracing
         on_health_change=lambda shard, ok: metrics.shard_healthy.labels(shard).set(1 if ok else 0),
         # Carries the trace into the shard's gRPC spans.
         channel_interceptors=aio_client_interceptors(tracer_provider=tracing) if tracing else (),
+        channel_credentials=(
+            channel_credentials(settings.shard_tls_ca_file, settings.shard_tls_cert_file, settings.shard_tls_key_file)
+            if settings.shard_tls_ca_file
+            else None
+        ),
+        tls_server_name=settings.shard_tls_server_name,
     )

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from loraplex.grpc_tls import check_pair
 from loraplex.layered_settings import LayeredSettings, SettingsError
 
 __all__ = ["GatewaySettings", "SettingsError"]
@@ -29,6 +30,13 @@ class GatewaySettings(LayeredSettings):
     shard_dns: str = ""
     shard_dns_port: int = 50051
     shard_dns_interval_s: float = 5.0
+    # TLS to the shards (PEM files): a CA makes every shard channel TLS, health checks included;
+    # a client certificate and key are what a mutual-TLS shard asks for. `shard_tls_server_name`:
+    # the name the shards' certificate carries when it is not the address dialled (pod IPs).
+    shard_tls_ca_file: str = ""
+    shard_tls_cert_file: str = ""
+    shard_tls_key_file: str = ""
+    shard_tls_server_name: str = ""
     health_interval_s: float = 0.5
     health_timeout_s: float = 0.4
     tenants_file: str = ""
@@ -109,6 +117,9 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError(f"redis_failure_policy must be 'open' or 'closed', got {self.redis_failure_policy!r}")
         if self.redis_timeout_s <= 0 or self.redis_retry_s <= 0 or self.limits_lease_s <= 0:
             raise SettingsError("redis_timeout_s, redis_retry_s and limits_lease_s must be positive")
+        check_pair(self.shard_tls_cert_file, self.shard_tls_key_file, "shard_tls_cert_file / shard_tls_key_file")
+        if (self.shard_tls_cert_file or self.shard_tls_server_name) and not self.shard_tls_ca_file:
+            raise SettingsError("shard_tls_cert_file, shard_tls_key_file and shard_tls_server_name need shard_tls_ca_file")
         if self.workers < 0:
             raise SettingsError("workers must be >= 0 (0 = automatic)")
         if self.workers > 1 and not self.redis_url:

@@ -122,6 +122,8 @@ class ShardPool:
         health_timeout_s: float = 0.4,
         on_health_change: Callable[[str, bool], None] | None = None,
         channel_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        tls_server_name: str = "",
     ):
         self.discovery = discovery
         self.ring = ring
@@ -129,6 +131,8 @@ class ShardPool:
         self.health_timeout_s = health_timeout_s
         self._on_health_change = on_health_change
         self._channel_interceptors = list(channel_interceptors)
+        self._channel_credentials = channel_credentials  # None: plaintext
+        self._channel_options = CHANNEL_OPTIONS + ((("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ())
         self._by_address: dict[str, ShardState] = {}
         # Each id's current holder; it stays after the holder goes down so that the admin API
         # still shows the shard and a restart on another address can take the id over.
@@ -169,9 +173,11 @@ class ShardPool:
                 del self._by_id[state.shard_id]
             await state.channel.close(grace=None)
         for new in sorted(addresses - set(self._by_address)):
-            channel = grpc.aio.insecure_channel(
-                new, options=CHANNEL_OPTIONS, interceptors=self._channel_interceptors or None
-            )
+            interceptors = self._channel_interceptors or None
+            if self._channel_credentials is None:
+                channel = grpc.aio.insecure_channel(new, options=self._channel_options, interceptors=interceptors)
+            else:
+                channel = grpc.aio.secure_channel(new, self._channel_credentials, options=self._channel_options, interceptors=interceptors)
             self._by_address[new] = ShardState(new, channel, shard_pb2_grpc.ShardStub(channel), health_pb2_grpc.HealthStub(channel))
 
     async def _health_loop(self) -> None:

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 
+from loraplex.grpc_tls import server_credentials
 from loraplex.telemetry import tracer_provider
 from protos import shard_pb2, shard_pb2_grpc
 from shard.engine import (
@@ -341,7 +342,11 @@ async def serve(
     health = HealthServicer()
     shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(settings.address)
+    if settings.tls_cert_file:
+        credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        port = server.add_secure_port(settings.address, credentials)
+    else:
+        port = server.add_insecure_port(settings.address)
     if port == 0:
         raise RuntimeError(f"cannot bind {settings.address}")
     for service in ("", SERVICE_NAME):

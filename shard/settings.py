@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from loraplex.grpc_tls import check_pair
 from loraplex.layered_settings import LayeredSettings, SettingsError
 
 __all__ = ["ShardSettings", "SettingsError", "QUANTIZATIONS", "ADAPTER_DTYPES"]
@@ -54,6 +55,11 @@ class ShardSettings(LayeredSettings):
     adapter_dirs: Mapping[str, str] = field(default_factory=dict)
     drain_timeout_s: float = 30.0
     log_level: str = "INFO"
+    # TLS on the gRPC port (PEM files): a certificate and key serve TLS; a client CA on top requires
+    # every client (the gateway, probes) to present a certificate it signed (mutual TLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
 
 
@@ -81,6 +87,9 @@ class ShardSettings(LayeredSettings):
             raise SettingsError("max_queue, torch_threads and drain_timeout_s must be >= 0")
         if self.registry_tracking_uri and not self.adapter_cache_dir:
             raise SettingsError("adapter_cache_dir is required with registry_tracking_uri")
+        check_pair(self.tls_cert_file, self.tls_key_file, "tls_cert_file / tls_key_file")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise SettingsError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
 
     @property
     def address(self) -> str:
