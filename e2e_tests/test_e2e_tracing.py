@@ -37,12 +37,14 @@ def test_one_request_is_one_trace_from_gateway_to_shard_with_its_attributes(faul
     }
 
     def shard_generate():
+        """The trace once the shard's Generate span and its parent have both arrived."""
         trace = [s for s in fs.traces.spans() if s.trace_id == http_span.trace_id]
         found = [s for s in trace if s.service == "loraplex-shard" and s.kind == "SERVER" and s.name.endswith("/Generate")]
-        return (trace, found[0]) if found else None
+        parents = {s.span_id for s in trace}
+        return (trace, found[0]) if found and found[0].parent_span_id in parents else None
 
     found = wait_for(shard_generate, 15, 0.2)
-    assert found, "the shard's Generate span is not in the gateway's trace"
+    assert found, ("the shard's Generate span and its gateway parent are not in one trace", fs.traces.spans()[-10:])
     trace, generate = found
     by_id = {s.span_id: s for s in trace}
     # The shard's span is a child of the gateway's gRPC client span, itself under the HTTP span.
