@@ -10,6 +10,7 @@ Failures are typed (`gateway.errors.ShardError`): a refused version is a `Versio
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -141,6 +142,11 @@ class ShardStream:
         self.closed = True
         if self.finish_reason is None:
             self._call.cancel()  # the client went away or the stream broke: free the shard's slot
+        else:
+            # Read the end of the stream: the tracing interceptor ends the call's client span only
+            # when the response stream is exhausted; unread, the span never ends nor is exported.
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._call.read()
         self._release()
 
     def result(self) -> GenerationResult:
