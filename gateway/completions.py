@@ -124,7 +124,7 @@ class CompletionService:
         routed = self.router.resolve(body.model, tenant, body.user or session)
         choice = self.last_good.substitute(routed)
         if choice is not routed:
-            self.metrics.version_fallbacks.labels(choice.adapter).inc()
+            self.metrics.version_fallbacks.labels(self.metrics.adapter_label(choice.adapter)).inc()
         prompt: str | None = None
         messages: tuple[tuple[str, str], ...] = ()
         if chat:
@@ -191,7 +191,7 @@ class CompletionService:
             prepared, result = await self._dispatch(prepared, self.dispatcher.generate)
             self.last_good.served(prepared.choice, result.version)
             tokens = result.prompt_tokens + result.completion_tokens
-            self._observe(prepared, result)
+            self._observe(prepared, result, tenant)
             primary.set_result(result)
             self._start_shadow(prepared, tenant, primary)
             return self._answer(prepared, result), self.served_by(prepared.choice, result.shard_id, result.adapter, result.version)
@@ -214,10 +214,10 @@ class CompletionService:
         primary = asyncio.get_running_loop().create_future()
         self._start_shadow(prepared, tenant, primary)
         headers = self.served_by(prepared.choice, stream.shard_id, stream.adapter, stream.version)
-        return self._sse_events(prepared, lease, stream, primary), headers
+        return self._sse_events(prepared, tenant, lease, stream, primary), headers
 
     async def _sse_events(
-        self, prepared: PreparedRequest, lease: Lease, stream: ShardStream, primary: asyncio.Future
+        self, prepared: PreparedRequest, tenant: Tenant, lease: Lease, stream: ShardStream, primary: asyncio.Future
     ) -> AsyncIterator[bytes]:
         chunks = _ChunkMaker(prepared, int(time.time()))
         try:
@@ -231,7 +231,7 @@ class CompletionService:
                     else:
                         yield _sse(chunks.completion(chunk.text, finish))
             result = stream.result()
-            self._observe(prepared, result)
+            self._observe(prepared, result, tenant)
             primary.set_result(result)
             if prepared.include_usage:
                 yield _sse(chunks.usage(_usage(result)))
@@ -253,10 +253,12 @@ class CompletionService:
             return ChatCompletionResponse(ident, "chat.completion", created, model, [choice], usage)
         return CompletionResponse(ident, "text_completion", created, model, [CompletionChoice(result.text, 0, result.finish_reason)], usage)
 
-    def _observe(self, prepared: PreparedRequest, result: GenerationResult) -> None:
-        adapter = prepared.choice.adapter or self.settings.base_model_id
+    def _observe(self, prepared: PreparedRequest, result: GenerationResult, tenant: Tenant) -> None:
+        adapter = self.metrics.adapter_label(prepared.choice.adapter or self.settings.base_model_id)
         self.metrics.token_count("prompt", adapter).inc(result.prompt_tokens)
         self.metrics.token_count("completion", adapter).inc(result.completion_tokens)
+        self.metrics.tenant_token_count(tenant.name, "prompt").inc(result.prompt_tokens)
+        self.metrics.tenant_token_count(tenant.name, "completion").inc(result.completion_tokens)
         if prepared.stream is False:
             self.metrics.first_token_latency(prepared.choice.assignment).observe(result.first_token_s)
 
@@ -299,7 +301,7 @@ class CompletionService:
             "%s@%s refused by the shards (%s); serving the last good version %s",
             prepared.choice.adapter, prepared.choice.version, refused.details, fallback.version,
         )
-        self.metrics.version_fallbacks.labels(prepared.choice.adapter).inc()
+        self.metrics.version_fallbacks.labels(self.metrics.adapter_label(prepared.choice.adapter)).inc()
         return replace(prepared, choice=fallback, job=replace(prepared.job, version=fallback.version))
 
     def _start_shadow(self, prepared: PreparedRequest, tenant: Tenant, primary: asyncio.Future) -> None:

@@ -7,11 +7,18 @@ counters and histograms add up, each gauge as its `multiprocess_mode` says.
 
 `assignment` is how a request's version was chosen: champion, canary, pinned, base, or fallback
 (the base model answered for an adapter whose version could not; the `x-loraplex-route` response header).
+
+Labels stay bounded at 10,000 adapters: an `adapter` label names at most `max_adapter_labels`
+distinct adapters per process (the first seen); the rest share the value `_other`, so a gateway
+exports O(max_adapter_labels) series whatever the catalogue. Tenants (bounded by the tenants file)
+get counters of their own, never crossed with adapters. No label carries a request id or a
+version number.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.metrics import MetricWrapperBase
@@ -19,6 +26,27 @@ from prometheus_client.metrics import MetricWrapperBase
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+AGREEMENT_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+OTHER_ADAPTERS = "_other"
+
+
+class AdapterLabels:
+    """The `adapter` label value: the adapter's name for the first `limit` adapters seen,
+    `_other` after that."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, adapter: str) -> str:
+        if adapter in self._named or not adapter:
+            return adapter
+        with self._lock:
+            if len(self._named) < self.limit:
+                self._named.add(adapter)
+                return adapter
+        return OTHER_ADAPTERS
 
 
 class LabelledChildren:
@@ -37,8 +65,9 @@ class LabelledChildren:
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, max_adapter_labels: int = 1000) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.adapter_label = AdapterLabels(max_adapter_labels)
         r = self.registry
         self.requests = Counter(
             "loraplex_gateway_requests", "HTTP requests answered", ["endpoint", "status", "assignment", "adapter"], registry=r
@@ -50,6 +79,23 @@ class GatewayMetrics:
             "loraplex_gateway_first_token_seconds", "Time until the first text arrived from a shard", ["assignment"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.tokens = Counter("loraplex_gateway_tokens", "Tokens served", ["kind", "adapter"], registry=r)
+        self.tenant_requests = Counter(
+            "loraplex_gateway_tenant_requests", "API requests answered per authenticated tenant", ["tenant", "status"], registry=r
+        )
+        self.tenant_tokens = Counter("loraplex_gateway_tenant_tokens", "Tokens served per tenant", ["tenant", "kind"], registry=r)
+        self.shadow_comparisons = Counter(
+            "loraplex_gateway_shadow_comparisons",
+            "Shadow answers compared with the answer the client got: outcome exact (same text) or different",
+            ["adapter", "outcome"],
+            registry=r,
+        )
+        self.shadow_agreement = Histogram(
+            "loraplex_gateway_shadow_token_agreement",
+            "Share of positions where the shadow generated the same token as the answer the client got",
+            ["adapter"],
+            buckets=AGREEMENT_BUCKETS,
+            registry=r,
+        )
         self.shard_healthy = Gauge("loraplex_gateway_shard_healthy", "1 when the shard is in the ring", ["shard"], multiprocess_mode="livemin", registry=r)
         self.shard_in_flight = Gauge("loraplex_gateway_shard_in_flight", "Requests in flight per shard", ["shard"], multiprocess_mode="livesum", registry=r)
         self.shard_failures = Counter("loraplex_gateway_shard_attempt_failures", "Failed shard calls", ["shard", "code"], registry=r)
@@ -82,6 +128,8 @@ class GatewayMetrics:
         self.request_latency = LabelledChildren(self.latency)
         self.first_token_latency = LabelledChildren(self.first_token)
         self.token_count = LabelledChildren(self.tokens)
+        self.tenant_request_count = LabelledChildren(self.tenant_requests)
+        self.tenant_token_count = LabelledChildren(self.tenant_tokens)
 
     def exposition(self) -> bytes:
         directory = os.environ.get(MULTIPROCESS_DIR_ENV)

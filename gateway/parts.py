@@ -121,7 +121,7 @@ def build_parts(
     if not settings.tenants_file:
         raise SettingsError("tenants_file is required")
     tenants = TenantDirectory.from_file(settings.tenants_file)
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(settings.metrics_adapter_labels)
     owns_tracing = tracing is None
     tracing = tracing or tracer_provider("loraplex-gateway")
     source = routing_source if routing_source is not None else build_routing_source(settings)
@@ -154,7 +154,7 @@ def build_parts(
         settings.shadow_aggregate_every,
         SharedShadowAggregates(store) if store is not None else LocalShadowAggregates(),
     )
-    shadow = ShadowMode(dispatcher, recorder, settings.shadow_sample_share, settings.shadow_max_concurrency)
+    shadow = ShadowMode(dispatcher, recorder, settings.shadow_sample_share, settings.shadow_max_concurrency, metrics=metrics)
     prompt_measure = PromptMeasure(settings.max_prompt_chars, settings.max_prompt_tokens, settings.tokenizer_dir)
     limiter = build_tenant_limiter(settings, metrics, store)
     last_good = LastGoodVersions(settings.refused_version_retry_s, on_refused=audit.version_refused)

@@ -91,6 +91,9 @@ class GatewaySettings(LayeredSettings):
     limits_lease_s: float = 10.0
     # Processes serving the port: 0 = one per core when redis_url is set, else 1.
     workers: int = 0
+    # Distinct adapters named in metric labels per process; the rest are counted as `_other`
+    # (gateway/metrics.py), so a catalogue of 10,000 adapters cannot explode the series.
+    metrics_adapter_labels: int = 1000
 
 
     def validate(self) -> None:
@@ -101,7 +104,8 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError(f"admin_port must differ from port ({self.port})")
         if not 0.0 <= self.shadow_sample_share <= 1.0:
             raise SettingsError("shadow_sample_share must be within [0, 1]")
-        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every", "shadow_log_max_bytes", "admin_rate_per_minute"):
+        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every",
+                     "shadow_log_max_bytes", "admin_rate_per_minute", "metrics_adapter_labels"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.shadow_log_backup_count < 1:

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult
 from gateway.errors import ShardError
+from gateway.metrics import GatewayMetrics
 from loraplex.adapter_format import adapter_ref
 
 log = logging.getLogger(__name__)
@@ -223,9 +224,11 @@ class ShadowMode:
         max_concurrency: int = 4,
         rng: random.Random | None = None,
         primary_wait_s: float = 300.0,
+        metrics: GatewayMetrics | None = None,
     ):
         self.dispatcher = dispatcher
         self.recorder = recorder
+        self.metrics = metrics
         self.sample_share = sample_share
         self.max_concurrency = max_concurrency
         self.primary_wait_s = primary_wait_s
@@ -267,6 +270,10 @@ class ShadowMode:
             log.exception("shadow copy of %s failed", job.request_id)
             return
         exact, agreement = compare_outputs(first.token_ids, shadow.token_ids, first.text, shadow.text)
+        if self.metrics is not None:
+            adapter = self.metrics.adapter_label(job.adapter)
+            self.metrics.shadow_comparisons.labels(adapter, "exact" if exact else "different").inc()
+            self.metrics.shadow_agreement.labels(adapter).observe(agreement)
         await self.recorder.record(
             ShadowPair(
                 job.request_id,
