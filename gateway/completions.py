@@ -288,7 +288,7 @@ class CompletionService:
             "%s@%s cannot be served (%s: %s); the base model answers, as the adapter's fallback policy says",
             choice.adapter, choice.version, reason, failure,
         )
-        self.metrics.base_fallbacks.labels(choice.adapter, reason).inc()
+        self.metrics.base_fallbacks.labels(self.metrics.adapter_label(choice.adapter), reason).inc()
         base = replace(choice, adapter="", version="", assignment="fallback", shadow_version=None)
         return replace(prepared, choice=base, job=replace(prepared.job, adapter="", version=""))
 
