@@ -3,10 +3,11 @@
 
 Two kinds of metric live here:
 - events the engine, the adapter cache and the gRPC servicer report as they happen (step time,
-  batch rows, time to first token, adapter load time per tier, refusals, prefix-cache tokens),
+  batch rows, time to first token, adapter load time per tier, refusals),
   through the ``observe_*`` methods;
 - state read when Prometheus scrapes (queue depth, running rows, tokens generated, KV-cache use,
-  adapters resident per tier, hits/misses/evictions), from ``Engine.stats()`` and
+  prefix-cache tokens looked up and hit, adapters resident per tier, hits/misses/evictions), from
+  ``Engine.stats()`` and
   ``TieredAdapterCache.tier_stats()``, so the engine keeps no second set of counters.
 
 Labels are bounded by construction: no metric has a per-request or per-adapter label. ``tier`` is
@@ -77,12 +78,6 @@ class ShardMetrics:
         self.refusals = Counter(
             "loraplex_shard_refusals", "Generate calls refused or failed, by reason", ["reason"], registry=r
         )
-        self.prefix_hit_tokens = Counter(
-            "loraplex_shard_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", registry=r
-        )
-        self.prefix_query_tokens = Counter(
-            "loraplex_shard_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", registry=r
-        )
         # Every label value exists from the start, so dashboards and alerts see zeros, not gaps.
         for phase in PHASES:
             self.step_seconds.labels(phase)
@@ -109,11 +104,6 @@ class ShardMetrics:
 
     def observe_refusal(self, reason: str) -> None:
         self.refusals.labels(reason if reason in REFUSAL_REASONS else "internal").inc()
-
-    def observe_prefix_lookup(self, hit_tokens: int, looked_up_tokens: int) -> None:
-        """For a prefix cache: how many of a prompt's tokens it looked up and found."""
-        self.prefix_hit_tokens.inc(hit_tokens)
-        self.prefix_query_tokens.inc(looked_up_tokens)
 
     # ---- state read at scrape time ------------------------------------------------------------
 
@@ -174,6 +164,12 @@ def _engine_families(stats) -> Iterator:
     yield CounterMetricFamily("loraplex_shard_generated_tokens", "Tokens generated", value=stats.tokens_generated)
     yield CounterMetricFamily("loraplex_shard_finished_requests", "Requests finished (any reason)", value=stats.requests_completed)
     yield _gauge("loraplex_shard_kv_cache_used_tokens", "Token positions held in the KV cache", stats.kv_used_tokens)
+    yield CounterMetricFamily(
+        "loraplex_shard_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", value=stats.prefix_cache_hit_tokens
+    )
+    yield CounterMetricFamily(
+        "loraplex_shard_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", value=stats.prefix_cache_queried_tokens
+    )
     yield _gauge("loraplex_shard_kv_cache_capacity_tokens", "Token positions the KV cache can hold (rows x context)", stats.kv_capacity_tokens)
 
 
