@@ -124,6 +124,10 @@ class PortClient:
 def client(gateway_apps):
     """The public port, as `python -m gateway` serves it; its lifespan runs the gateway's parts."""
     with TestClient(gateway_apps.by_port()) as test_client:
+        # Shards join the ring on the first health round, after startup: a test's first request
+        # must not race it (an admin action before then rightly answers 503).
+        expected = len(gateway_apps.parts.settings.shard_addresses)
+        assert wait_until(lambda: len(gateway_apps.parts.pool.healthy_shards()) == expected, timeout_s=10.0)
         yield test_client
 
 
