@@ -92,14 +92,15 @@ def run(args) -> dict:
             # Rows in shuffled order over `distinct` adapters: no row->slot identity to exploit.
             slots = torch.arange(args.batch) % distinct
             slots = slots[torch.randperm(args.batch, generator=generator)].tolist()
+            rows = [[(slot, 1.0)] for slot in slots]
             for _ in range(args.warmup):
                 decode_step(base_model, base_cache, step_ids, args.context)
-                runtime.set_batch_slots(slots)
+                runtime.set_batch_rows(rows)
                 decode_step(model, lora_cache, step_ids, args.context)
             base_times, lora_times = [], []
             for _ in range(args.rounds):
                 base_times.append(timed(lambda: decode_step(base_model, base_cache, step_ids, args.context)))
-                runtime.set_batch_slots(slots)
+                runtime.set_batch_rows(rows)
                 lora_times.append(timed(lambda: decode_step(model, lora_cache, step_ids, args.context)))
                 runtime.clear_batch_slots()
             base_ms = statistics.median(base_times) * 1000

@@ -89,7 +89,7 @@ class _Sequence:
         self.row: int | None = None
         self.prefilled = 0
         self.prefix_checked = False  # looked up in the prefix cache (once, before its first chunk)
-        self.slot = -1  # adapter slot on the device; -1 = base model
+        self.lora_entries: list[tuple[int, float]] = []  # (device slot, weight); empty = base model
         self.holds_adapter = False
         self.done = False
 
@@ -355,14 +355,14 @@ class Engine:
     def _try_start(self, sequence: _Sequence) -> bool:
         key = sequence.request.adapter
         if key is None:
-            sequence.slot = -1
+            sequence.lora_entries = []
             return True
         if self._adapter_retry_at.get(key, 0) > time.monotonic():
             return False
         slot = self.lora.try_acquire(key)
         if slot is not None:
             self._adapter_retry_at.pop(key, None)
-            sequence.slot = slot
+            sequence.lora_entries = [(slot, 1.0)]
             sequence.holds_adapter = True
             return True
         error = self.lora.take_load_error(key)
@@ -406,7 +406,7 @@ class Engine:
         width = max(len(x) for x in inputs)
         pad = 0
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in inputs], device=self.device)
-        adapters = self.lora.batch([s.slot for s in sequences]) if self.lora is not None else contextlib.nullcontext()
+        adapters = self.lora.batch([s.lora_entries for s in sequences]) if self.lora is not None else contextlib.nullcontext()
         try:
             with adapters:
                 out = self.model(

@@ -4,8 +4,9 @@ many adapters in one forward pass, and the tiered adapter cache, behind one Lora
 Flow: `LoraManager.install(model, source, ...)` swaps every targeted projection for a
 MultiLoraLinear (`install_multi_lora`, giving a LoraRuntime whose AdapterSlotPool holds N adapters
 on the model's device) and fills slots in the background through a TieredAdapterCache (source ->
-disk -> host -> device). Each forward runs inside `with manager.batch(slot_ids):` (one slot per
-row, -1 = base), which plans the step on the host and copies its indices to the device once.
+disk -> host -> device). Each forward runs inside `with manager.batch(rows):` (each row a list of
+(slot, weight) entries: one for an adapter, none for the base model, several for a mix), which
+plans the step on the host and copies its indices and weights to the device once.
 
 Devices: everything is device/dtype-agnostic torch (pools live on the model's device, indices
 are created there). On CPU with fp32 activations, decode steps (one token per row) use a small

@@ -19,8 +19,8 @@ class BatchSlots:
 
 class MultiLoraLinear(nn.Module):
     """Runs the wrapped base layer (nn.Linear, bnb Linear4bit or Linear8bitLt) once for the whole
-    batch, then adds each row's low-rank delta from its slot: out[b] += (x[b] @ A[s].T) @ B'[s].T,
-    with B' = scaling * B stored transposed in the pool."""
+    batch, then adds each row's low-rank deltas from its entries (slot s, weight w):
+    out[b] += w * (x[b] @ A[s].T) @ B'[s].T, with B' = scaling * B stored transposed in the pool."""
 
     def __init__(
         self,
@@ -56,7 +56,7 @@ class MultiLoraLinear(nn.Module):
         batch = x.shape[0]
         if batch != plan.batch_size:
             raise RuntimeError(
-                f"{self.name}: input batch {batch} does not match the {plan.batch_size} slot ids set for this step"
+                f"{self.name}: input batch {batch} does not match the {plan.batch_size} rows planned for this step"
             )
         x3 = x.reshape(batch, -1, self.in_features)
         out3 = out.view(batch, -1, self.out_features)
@@ -82,11 +82,13 @@ class MultiLoraLinear(nn.Module):
         pool_a, pool_b = self._pool.a[self.name], self._pool.b_t[self.name]
         for group in plan.groups:
             if self.name in group.modules:
-                self._decode_kernel.lora_delta_add_(out3, x3, pool_a, pool_b, group.row_index, group.slots, group.rank)
+                self._decode_kernel.lora_delta_add_(
+                    out3, x3, pool_a, pool_b, group.row_index, group.slots, group.weights, group.rank
+                )
 
     def _add_deltas_torch(self, plan: BatchPlan, x3: torch.Tensor, out3: torch.Tensor) -> None:
         """Device-agnostic path: gather each group's factors (only the first `rank` rows of each
-        slot), two batched matmuls, add into the base output."""
+        slot), two batched matmuls, add into the base output (index_add_ sums a row's entries)."""
         pool_a, pool_b = self._pool.a[self.name], self._pool.b_t[self.name]
         compute_dtype = pool_a.dtype
         if x3.dtype != compute_dtype:
@@ -98,6 +100,8 @@ class MultiLoraLinear(nn.Module):
             b_t = pool_b[:, : group.rank].index_select(0, group.slots)
             xs = x3 if group.rows is None else x3.index_select(0, group.rows)
             hidden = torch.bmm(xs, a.transpose(1, 2))
+            if group.weights is not None:
+                hidden.mul_(group.weights.view(-1, 1, 1))
             if group.rows is None and out3.dtype == compute_dtype:
                 out3.baddbmm_(hidden, b_t)
             else:

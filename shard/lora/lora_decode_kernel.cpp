@@ -1,5 +1,8 @@
 // Decode-time LoRA delta on CPU, reading each row's adapter factors in place from the slot pool.
-// out[row, t, :] += (A[slot, :rank, :] @ x[row, t, :]) @ Bt[slot, :rank, :]
+// For every entry e (row, slot, weight w):
+//   out[row, t, :] += w * (A[slot, :rank, :] @ x[row, t, :]) @ Bt[slot, :rank, :]
+// A row may have several entries (an adapter mix); they are adjacent, and one thread sums them all,
+// so no two threads write one row.
 // Stock ops must first gather every row's A and B into new tensors (write + re-read of about the
 // base weights' bytes at 32 distinct adapters); this reads them once. Pools may be fp32 or bf16
 // (converted to fp32 in registers; accumulation is fp32), activations fp32 or bf16.
@@ -8,6 +11,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -99,18 +103,32 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+// Entries [first[s], first[s + 1]) share one row. Rows must not decrease, so each row is one segment.
+std::vector<int64_t> row_segments(const int64_t* rows, int64_t entries) {
+  std::vector<int64_t> first;
+  first.reserve(entries + 1);
+  for (int64_t e = 0; e < entries; ++e) {
+    if (e == 0 || rows[e] != rows[e - 1]) {
+      TORCH_CHECK(e == 0 || rows[e] > rows[e - 1], "entries must be sorted by row");
+      first.push_back(e);
+    }
+  }
+  first.push_back(entries);
+  return first;
+}
+
 template <typename act_t, typename pool_t>
 void delta_rows(act_t* out, const act_t* x, const pool_t* a, const pool_t* bt, const int64_t* rows,
-                const int64_t* slots, int64_t groups, int64_t tokens, int64_t rank, int64_t in_f,
-                int64_t out_f, int64_t pool_rank, int64_t x_row_stride, int64_t out_row_stride) {
+                const int64_t* slots, const float* weights, const std::vector<int64_t>& first, int64_t tokens,
+                int64_t rank, int64_t in_f, int64_t out_f, int64_t pool_rank, int64_t x_row_stride,
+                int64_t out_row_stride) {
   constexpr bool fp32_act = std::is_same<act_t, float>::value;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t segments = static_cast<int64_t>(first.size()) - 1;
+  at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> hidden(rank);
     std::vector<float> x_f32(fp32_act ? 0 : in_f), y_f32(fp32_act ? 0 : out_f);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t row = rows[g];
-      const pool_t* a_slot = a + slots[g] * pool_rank * in_f;
-      const pool_t* b_slot = bt + slots[g] * pool_rank * out_f;
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t row = rows[first[s]];
       for (int64_t t = 0; t < tokens; ++t) {
         const act_t* x_in = x + row * x_row_stride + t * in_f;
         act_t* y_out = out + row * out_row_stride + t * out_f;
@@ -125,8 +143,13 @@ void delta_rows(act_t* out, const act_t* x, const pool_t* a, const pool_t* bt, c
           xr = x_f32.data();
           yr = y_f32.data();
         }
-        for (int64_t j = 0; j < rank; ++j) hidden[j] = dot(a_slot + j * in_f, xr, in_f);
-        for (int64_t j = 0; j < rank; ++j) axpy(yr, hidden[j], b_slot + j * out_f, out_f);
+        for (int64_t e = first[s]; e < first[s + 1]; ++e) {
+          const pool_t* a_slot = a + slots[e] * pool_rank * in_f;
+          const pool_t* b_slot = bt + slots[e] * pool_rank * out_f;
+          const float w = weights ? weights[e] : 1.f;
+          for (int64_t j = 0; j < rank; ++j) hidden[j] = w * dot(a_slot + j * in_f, xr, in_f);
+          for (int64_t j = 0; j < rank; ++j) axpy(yr, hidden[j], b_slot + j * out_f, out_f);
+        }
         if constexpr (!fp32_act) {
           for (int64_t k = 0; k < out_f; ++k) y_out[k] = to_bf16(to_float(y_out[k]) + yr[k]);
         }
@@ -137,21 +160,24 @@ void delta_rows(act_t* out, const act_t* x, const pool_t* a, const pool_t* bt, c
 
 template <typename act_t>
 void dispatch_pool(act_t* out, const act_t* x, torch::Tensor a_pool, torch::Tensor bt_pool, const int64_t* rows,
-                   const int64_t* slots, int64_t groups, int64_t tokens, int64_t rank) {
+                   const int64_t* slots, const float* weights, const std::vector<int64_t>& first, int64_t tokens,
+                   int64_t rank) {
   const int64_t pool_rank = a_pool.size(1), in_f = a_pool.size(2), out_f = bt_pool.size(2);
   if (a_pool.scalar_type() == torch::kFloat) {
-    delta_rows<act_t, float>(out, x, a_pool.data_ptr<float>(), bt_pool.data_ptr<float>(), rows, slots, groups,
-                             tokens, rank, in_f, out_f, pool_rank, tokens * in_f, tokens * out_f);
+    delta_rows<act_t, float>(out, x, a_pool.data_ptr<float>(), bt_pool.data_ptr<float>(), rows, slots, weights,
+                             first, tokens, rank, in_f, out_f, pool_rank, tokens * in_f, tokens * out_f);
   } else {
     TORCH_CHECK(a_pool.scalar_type() == torch::kBFloat16, "pools must be fp32 or bf16");
     delta_rows<act_t, uint16_t>(out, x, reinterpret_cast<const uint16_t*>(a_pool.data_ptr<at::BFloat16>()),
                                 reinterpret_cast<const uint16_t*>(bt_pool.data_ptr<at::BFloat16>()), rows, slots,
-                                groups, tokens, rank, in_f, out_f, pool_rank, tokens * in_f, tokens * out_f);
+                                weights, first, tokens, rank, in_f, out_f, pool_rank, tokens * in_f,
+                                tokens * out_f);
   }
 }
 
+// `weights`: one fp32 weight per entry, or None when every weight is 1. `rows` sorted.
 void lora_delta_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a_pool, torch::Tensor bt_pool,
-                     torch::Tensor rows, torch::Tensor slots, int64_t rank) {
+                     torch::Tensor rows, torch::Tensor slots, std::optional<torch::Tensor> weights, int64_t rank) {
   TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "activations and output must share a dtype");
   TORCH_CHECK(out.scalar_type() == torch::kFloat || out.scalar_type() == torch::kBFloat16,
@@ -160,25 +186,35 @@ void lora_delta_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a_pool, t
   TORCH_CHECK(a_pool.is_contiguous() && bt_pool.is_contiguous(), "pools must be contiguous");
   TORCH_CHECK(a_pool.scalar_type() == bt_pool.scalar_type(), "pool dtypes differ");
   TORCH_CHECK(rows.scalar_type() == torch::kLong && slots.scalar_type() == torch::kLong, "int64 indices");
-  TORCH_CHECK(rows.numel() == slots.numel(), "one slot per row");
+  TORCH_CHECK(rows.numel() == slots.numel(), "one slot per entry");
   const int64_t pool_rank = a_pool.size(1), in_f = a_pool.size(2), out_f = bt_pool.size(2);
   TORCH_CHECK(rank >= 0 && rank <= pool_rank, "rank outside the pool");
   TORCH_CHECK(x.size(2) == in_f && out.size(2) == out_f && x.size(1) == out.size(1), "shape mismatch");
-  const int64_t groups = rows.numel(), tokens = x.size(1);
+  const int64_t entries = rows.numel(), tokens = x.size(1);
   auto rows_c = rows.contiguous();
   auto slots_c = slots.contiguous();
+  torch::Tensor weights_c;
+  const float* weight_ptr = nullptr;
+  if (weights.has_value()) {
+    TORCH_CHECK(weights->scalar_type() == torch::kFloat && weights->numel() == entries, "one fp32 weight per entry");
+    weights_c = weights->contiguous();
+    weight_ptr = weights_c.data_ptr<float>();
+  }
+  const std::vector<int64_t> first = row_segments(rows_c.data_ptr<int64_t>(), entries);
   if (out.scalar_type() == torch::kFloat) {
     dispatch_pool<float>(out.data_ptr<float>(), x.data_ptr<float>(), a_pool, bt_pool, rows_c.data_ptr<int64_t>(),
-                         slots_c.data_ptr<int64_t>(), groups, tokens, rank);
+                         slots_c.data_ptr<int64_t>(), weight_ptr, first, tokens, rank);
   } else {
     dispatch_pool<uint16_t>(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
                             reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), a_pool, bt_pool,
-                            rows_c.data_ptr<int64_t>(), slots_c.data_ptr<int64_t>(), groups, tokens, rank);
+                            rows_c.data_ptr<int64_t>(), slots_c.data_ptr<int64_t>(), weight_ptr, first, tokens,
+                            rank);
   }
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_delta_add_", &lora_delta_add_, "out[rows] += (x[rows] @ A[slots, :rank].T) @ Bt[slots, :rank]");
+  m.def("lora_delta_add_", &lora_delta_add_,
+        "out[rows] += weights * (x[rows] @ A[slots, :rank].T) @ Bt[slots, :rank] (a row's entries summed)");
 }

@@ -2,7 +2,7 @@
 
 It owns the multi-adapter layers and their slot pool (`LoraRuntime`), the residency of adapters
 across device slots, host memory and disk (`TieredAdapterCache`), and the per-step plan that
-tells every layer which slot each batch row uses. A shard without adapters has no manager."""
+tells every layer which (slot, weight) entries each batch row uses. A shard without adapters has no manager."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from shard.lora.batch_plan import RowEntries
 from shard.lora.keys import AdapterKey
 from shard.lora.runtime import DEFAULT_TARGET_MODULES, LoraRuntime, install_multi_lora
 from shard.lora.slot_pool import AdapterSlotPool
@@ -92,10 +93,10 @@ class LoraManager:
         self._cache.add_listener(callback)
 
     @contextlib.contextmanager
-    def batch(self, slot_ids: Sequence[int]) -> Iterator[None]:
-        """Inside the block, row b of a forward pass uses slot slot_ids[b] (-1 = base model).
-        The plan is built once here, on the host, for every layer."""
-        self.runtime.set_batch_slots(slot_ids)
+    def batch(self, rows: Sequence[RowEntries]) -> Iterator[None]:
+        """Inside the block, row b of a forward pass adds its (slot, weight) entries rows[b]
+        (see `LoraRuntime.set_batch_rows`). The plan is built once here, on the host, for every layer."""
+        self.runtime.set_batch_rows(rows)
         try:
             yield
         finally:

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from shard.lora.batch_plan import plan_batch
+from shard.lora.batch_plan import RowEntries, plan_batch
 from shard.lora.cpu_kernel import load_cpu_kernel
 from shard.lora.layers import BatchSlots, MultiLoraLinear
 from loraplex.adapter_format import PROJECTIONS, ModuleShape
@@ -17,7 +17,7 @@ DEFAULT_TARGET_MODULES = PROJECTIONS
 
 
 class LoraRuntime:
-    """The slot pool plus the per-step row -> slot mapping of one model."""
+    """The slot pool plus the per-step row -> (slot, weight) entries of one model."""
 
     def __init__(
         self,
@@ -35,10 +35,11 @@ class LoraRuntime:
     def module_shapes(self) -> dict[str, ModuleShape]:
         return self.pool.module_shapes
 
-    def set_batch_slots(self, slot_ids: Sequence[int]) -> None:
-        """Row b of the next forward uses slot slot_ids[b] (-1 = base model) for all its tokens.
-        Host ints: the plan is built on the host and copied to the device once."""
-        self._batch_slots.plan = plan_batch(self.pool, slot_ids)
+    def set_batch_rows(self, rows: Sequence[RowEntries]) -> None:
+        """Row b of the next forward adds Σ w·delta(slot) over its (slot, weight) entries rows[b]
+        for all its tokens: `[(slot, 1.0)]` is one adapter, `[]` the base model, several entries a
+        mix. Host values: the plan is built on the host and copied to the device once."""
+        self._batch_slots.plan = plan_batch(self.pool, rows)
 
     def clear_batch_slots(self) -> None:
         self._batch_slots.plan = None

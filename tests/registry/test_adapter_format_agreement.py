@@ -157,7 +157,7 @@ def test_layers_to_transform_serves_pefts_answer(base_dir, tmp_path):
         runtime = install_multi_lora(model, device_slots=1, max_rank=MAX_RANK, decode_kernel="torch")
         runtime.pool.write(0, read_peft_adapter(tmp_path / "a", AdapterKey("a", "1"), runtime.module_shapes,
                                                 max_rank=MAX_RANK))
-        runtime.set_batch_slots([0])
+        runtime.set_batch_rows([[(0, 1.0)]])
         got = model(input_ids=ids).logits
         changed = (got - base(input_ids=ids).logits).abs().max().item()
     assert (got - expected).abs().max().item() <= 1e-4 and changed > 1e-4

@@ -1,5 +1,9 @@
-"""Every row of a mixed multi-adapter batch must match PEFT running that row's adapter alone."""
+"""Every row of a mixed multi-adapter batch must match PEFT running that row's adapter alone; a
+row that mixes adapters must match PEFT's `add_weighted_adapter(..., combination_type="cat")`.
 
+A row is given as None (base model), an adapter name, or a tuple of (name, weight) pairs (a mix)."""
+
+import contextlib
 import copy
 import shutil
 from pathlib import Path
@@ -28,6 +32,7 @@ ADAPTERS = {
         alpha_pattern={"o_proj": 4},
     ),
     "r32_layer1_only": dict(rank=32, alpha=64, target_modules=("o_proj", "down_proj"), layers_to_transform=[1]),
+    "r8_attn_up": dict(rank=8, alpha=24, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj")),
 }
 
 
@@ -46,24 +51,53 @@ def adapter_dirs(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def peft_reference_logits(base_model, adapter_dirs, row_adapters, input_ids):
-    """Logits of each row run alone through PEFT with only its adapter active (None = base)."""
+def peft_model_with(base_model, adapter_dirs, row_adapters):
+    """A PeftModel holding every adapter, plus one PEFT "cat" combination per distinct mix row,
+    named by `mix_name`."""
     names = list(adapter_dirs)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), adapter_dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:
         peft_model.load_adapter(adapter_dirs[name], adapter_name=name)
-    peft_model.eval()
+    for spec in dict.fromkeys(a for a in row_adapters if isinstance(a, tuple)):
+        components, weights = zip(*spec)
+        peft_model.add_weighted_adapter(list(components), list(weights), mix_name(spec), combination_type="cat")
+    return peft_model.eval()
+
+
+def mix_name(spec) -> str:
+    return "mix_" + "_".join(f"{name}_{weight}".replace(".", "p") for name, weight in spec)
+
+
+def activate(peft_model, adapter):
+    """Context in which `peft_model` runs `adapter` (None = base, a name, or a mix tuple) alone."""
+    if adapter is None:
+        return peft_model.disable_adapter()
+    peft_model.set_adapter(mix_name(adapter) if isinstance(adapter, tuple) else adapter)
+    return contextlib.nullcontext()
+
+
+def peft_reference_logits(base_model, adapter_dirs, row_adapters, input_ids):
+    """Logits of each row run alone through PEFT with only its adapter (or combination) active."""
+    peft_model = peft_model_with(base_model, adapter_dirs, row_adapters)
     rows = []
     with torch.no_grad():
         for row, adapter in enumerate(row_adapters):
-            ids = input_ids[row : row + 1]
-            if adapter is None:
-                with peft_model.disable_adapter():
-                    rows.append(peft_model(input_ids=ids).logits)
-            else:
-                peft_model.set_adapter(adapter)
-                rows.append(peft_model(input_ids=ids).logits)
+            with activate(peft_model, adapter):
+                rows.append(peft_model(input_ids=input_ids[row : row + 1]).logits)
     return torch.cat(rows)
+
+
+def batch_rows(row_adapters, slot_of):
+    """The runtime's (slot, weight) entries for each row spec."""
+    rows = []
+    for adapter in row_adapters:
+        if adapter is None:
+            rows.append([])
+        elif isinstance(adapter, tuple):
+            rows.append([(slot_of[name], weight) for name, weight in adapter])
+        else:
+            rows.append([(slot_of[adapter], 1.0)])
+    return rows
 
 
 def serve_mixed_batch(
@@ -86,7 +120,7 @@ def serve_mixed_batch(
         )
         runtime.pool.write(slot, adapter)
         slot_of[name] = slot
-    runtime.set_batch_slots([-1 if a is None else slot_of[a] for a in row_adapters])
+    runtime.set_batch_rows(batch_rows(row_adapters, slot_of))
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
     runtime.clear_batch_slots()
@@ -118,37 +152,78 @@ def test_single_token_decode_rows_match_peft(tiny_llama, adapter_dirs, decode_ke
     assert (got - expected).abs().max().item() <= 1e-4
 
 
-def test_decode_with_kv_cache_matches_peft_generate(tiny_llama, adapter_dirs):
-    """Prefill then token-by-token decode through a KV cache: greedy tokens equal PEFT's per adapter."""
+# Mixes next to plain and base rows: K=2 in different rank buckets; K=2 in one bucket (a row
+# appears twice in one group); K=3 with a negative weight and an rslora component; a single adapter
+# scaled by a weight; a mix whose components cover different layers.
+MIX_ROWS = [
+    (("r4_qv", 0.7), ("r16_all", 0.3)),
+    "r16_all",
+    None,
+    (("r4_qv", 0.5), ("r8_attn_up", -1.25)),
+    (("r8_attn_patterns", 0.6), ("r64_mlp_rslora", -0.4), ("r16_all", 1.1)),
+    (("r16_all", 2.0),),
+    (("r16_all", 0.8), ("r32_layer1_only", 0.5)),
+    "r4_qv",
+]
+
+
+@pytest.mark.parametrize("tokens, decode_kernel", [(7, "torch"), (1, "torch"), (1, "auto")])
+def test_mix_rows_match_peft_cat_combination(tiny_llama, adapter_dirs, tokens, decode_kernel):
+    input_ids = torch.randint(3, 320, (len(MIX_ROWS), tokens), generator=torch.Generator().manual_seed(12))
+    expected = peft_reference_logits(tiny_llama, adapter_dirs, MIX_ROWS, input_ids)
+    got, _, _ = serve_mixed_batch(tiny_llama, adapter_dirs, MIX_ROWS, input_ids, decode_kernel=decode_kernel)
+    for row, adapter in enumerate(MIX_ROWS):
+        diff = (got[row] - expected[row]).abs().max().item()
+        assert diff <= 1e-4, f"row {row} ({adapter}): max abs logit diff {diff}"
+    # A mix is neither of its components: each mix row differs from every component served alone.
+    singles, _, _ = serve_mixed_batch(
+        tiny_llama, adapter_dirs, [name for name, _ in MIX_ROWS[0]], input_ids[:1].repeat(2, 1), decode_kernel=decode_kernel
+    )
+    assert all((got[0] - single).abs().max().item() > 1e-3 for single in singles)
+
+
+def test_mix_rows_with_bf16_activations_and_pool_are_close(tiny_llama, adapter_dirs):
+    """The kernel sums a row's entries in fp32 and rounds the bf16 output once."""
+    input_ids = torch.randint(3, 320, (len(MIX_ROWS), 1), generator=torch.Generator().manual_seed(13))
+    expected = peft_reference_logits(tiny_llama, adapter_dirs, MIX_ROWS, input_ids)
+    bf16_llama = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    by_path = [
+        serve_mixed_batch(bf16_llama, adapter_dirs, MIX_ROWS, input_ids, decode_kernel=kernel)[0]
+        for kernel in ("auto", "torch")
+    ]
+    for got in by_path:
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - expected).abs().max().item() <= 0.1
+
+
+def greedy_tokens(model, prompt, steps):
     from transformers import DynamicCache
 
-    row_adapters = ["r16_all", None, "r8_attn_patterns"]
-    prompt = torch.randint(3, 320, (len(row_adapters), 6), generator=torch.Generator().manual_seed(11))
-    model = copy.deepcopy(tiny_llama)
-    runtime = install_multi_lora(model, device_slots=len(adapter_dirs), max_rank=64)
-    names = list(adapter_dirs)
-    for slot, name in enumerate(names):
-        runtime.pool.write(slot, read_peft_adapter(adapter_dirs[name], AdapterKey(name, "local"), runtime.module_shapes, max_rank=64))
-    runtime.set_batch_slots([-1 if a is None else names.index(a) for a in row_adapters])
     cache, ids, generated = DynamicCache(), prompt, []
     with torch.no_grad():
-        for _ in range(5):
+        for _ in range(steps):
             next_ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
             generated.append(next_ids)
             ids = next_ids
-    ours = torch.cat(generated, dim=1)
+    return torch.cat(generated, dim=1)
 
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), adapter_dirs["r16_all"], adapter_name="r16_all")
-    peft_model.load_adapter(adapter_dirs["r8_attn_patterns"], adapter_name="r8_attn_patterns")
+
+@pytest.mark.parametrize("decode_kernel", ["auto", "torch"])
+def test_decode_with_kv_cache_matches_peft_generate(tiny_llama, adapter_dirs, decode_kernel):
+    """Prefill then token-by-token decode through a KV cache: greedy tokens equal PEFT's per
+    adapter, per base row and per mix (PEFT's "cat" combination)."""
+    row_adapters = ["r16_all", None, "r8_attn_patterns", MIX_ROWS[0], MIX_ROWS[4]]
+    prompt = torch.randint(3, 320, (len(row_adapters), 6), generator=torch.Generator().manual_seed(11))
+    _, model, runtime = serve_mixed_batch(
+        tiny_llama, adapter_dirs, [None], torch.zeros(1, 1, dtype=torch.long), decode_kernel=decode_kernel
+    )
+    runtime.set_batch_rows(batch_rows(row_adapters, {name: i for i, name in enumerate(adapter_dirs)}))
+    ours = greedy_tokens(model, prompt, 5)
+
+    peft_model = peft_model_with(tiny_llama, adapter_dirs, row_adapters)
     for row, adapter in enumerate(row_adapters):
-        kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-        with torch.no_grad():
-            if adapter is None:
-                with peft_model.disable_adapter():
-                    reference = peft_model.generate(input_ids=prompt[row : row + 1], **kwargs)
-            else:
-                peft_model.set_adapter(adapter)
-                reference = peft_model.generate(input_ids=prompt[row : row + 1], **kwargs)
+        with torch.no_grad(), activate(peft_model, adapter):
+            reference = peft_model.generate(input_ids=prompt[row : row + 1], max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert ours[row].tolist() == reference[0, prompt.shape[1] :].tolist(), f"row {row} ({adapter})"
 
 
@@ -176,11 +251,14 @@ def test_bf16_pool_over_fp32_base_is_close(tiny_llama, adapter_dirs, tokens, dec
 def test_groups_compute_at_the_ranks_present_not_max_rank(tiny_llama, adapter_dirs):
     _, _, runtime = serve_mixed_batch(tiny_llama, adapter_dirs, [None], torch.zeros(1, 1, dtype=torch.long))
     slot = {name: i for i, name in enumerate(adapter_dirs)}
-    plan = plan_batch(runtime.pool, [slot["r16_all"], slot["r16_all"]])
-    assert [(g.rank, g.rows) for g in plan.groups] == [(16, None)]
-    plan = plan_batch(runtime.pool, [slot["r4_qv"], -1, slot["r64_mlp_rslora"], slot["r8_attn_patterns"]])
+    plan = plan_batch(runtime.pool, [[(slot["r16_all"], 1.0)], [(slot["r16_all"], 1.0)]])
+    assert [(g.rank, g.rows, g.weights) for g in plan.groups] == [(16, None, None)]
+    plan = plan_batch(
+        runtime.pool, [[(slot["r4_qv"], 1.0)], [], [(slot["r64_mlp_rslora"], 1.0)], [(slot["r8_attn_patterns"], 1.0)]]
+    )
     assert [g.rank for g in plan.groups] == [4, 32, 64]  # buckets 8, 32 (rank_pattern k_proj=32), 64
     assert [g.rows.tolist() for g in plan.groups] == [[0], [3], [2]]
+    assert all(g.weights is None for g in plan.groups)
     assert "model.layers.0.self_attn.q_proj" in plan.groups[0].modules
     assert "model.layers.0.mlp.up_proj" not in plan.groups[0].modules
     # Every index of the step is a view of one tensor: one host->device copy per step.
@@ -189,12 +267,44 @@ def test_groups_compute_at_the_ranks_present_not_max_rank(tiny_llama, adapter_di
     assert [g.slots.tolist() for g in plan.groups] == [[slot["r4_qv"]], [slot["r8_attn_patterns"]], [slot["r64_mlp_rslora"]]]
 
 
-def test_bad_slot_ids_are_refused(tiny_llama, adapter_dirs):
+def test_mix_entries_are_grouped_by_bucket_with_their_weights(tiny_llama, adapter_dirs):
+    _, _, runtime = serve_mixed_batch(tiny_llama, adapter_dirs, [None], torch.zeros(1, 1, dtype=torch.long))
+    slot = {name: i for i, name in enumerate(adapter_dirs)}
+    plan = plan_batch(
+        runtime.pool,
+        [
+            [(slot["r8_attn_up"], 0.25), (slot["r16_all"], -1.0), (slot["r4_qv"], 0.5)],
+            [(slot["r4_qv"], 1.0)],
+            [(slot["r16_all"], 0.0)],  # a zero weight adds nothing and is dropped
+        ],
+    )
+    assert [g.rank for g in plan.groups] == [8, 16]
+    assert [g.row_index.tolist() for g in plan.groups] == [[0, 0, 1], [0]]
+    assert [g.slots.tolist() for g in plan.groups] == [[slot["r8_attn_up"], slot["r4_qv"], slot["r4_qv"]], [slot["r16_all"]]]
+    assert [g.weights.tolist() for g in plan.groups] == [[0.25, 0.5, 1.0], [-1.0]]
+    assert all(g.rows is not None for g in plan.groups)
+    storages = {t.untyped_storage().data_ptr() for g in plan.groups for t in (g.row_index, g.slots, g.weights)}
+    assert len(storages) == 1
+    # Every row once, in order, but one weight is not 1: no gather, but scaled.
+    plan = plan_batch(runtime.pool, [[(slot["r16_all"], -1.0)], [(slot["r16_all"], 1.0)]])
+    assert plan.groups[0].rows is None and plan.groups[0].weights.tolist() == [-1.0, 1.0]
+
+
+def test_bad_rows_are_refused(tiny_llama, adapter_dirs):
     _, _, runtime = serve_mixed_batch(tiny_llama, adapter_dirs, [None], torch.zeros(1, 1, dtype=torch.long))
     empty_slot = runtime.pool.num_slots - 1
     with pytest.raises(ValueError, match="holds no adapter"):
-        runtime.set_batch_slots([empty_slot])
+        runtime.set_batch_rows([[(empty_slot, 1.0)]])
     with pytest.raises(ValueError, match="outside"):
-        runtime.set_batch_slots([runtime.pool.num_slots])
-    with pytest.raises(ValueError, match="one per batch row"):
-        runtime.set_batch_slots([[0]])
+        runtime.set_batch_rows([[(runtime.pool.num_slots, 1.0)]])
+    with pytest.raises(ValueError, match="outside"):
+        runtime.set_batch_rows([[(-1, 1.0)]])
+    with pytest.raises(ValueError, match="sequence of"):
+        runtime.set_batch_rows([0])
+    with pytest.raises(ValueError, match="pair"):
+        runtime.set_batch_rows([[0]])
+    with pytest.raises(ValueError, match="ints"):
+        runtime.set_batch_rows([[(0.0, 1.0)]])
+    for weight in (float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match="finite"):
+            runtime.set_batch_rows([[(0, weight)]])

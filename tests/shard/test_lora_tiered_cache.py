@@ -227,9 +227,9 @@ def test_loads_into_other_slots_do_not_disturb_a_running_batch(tiny_llama, adapt
     model = copy.deepcopy(tiny_llama)
     runtime = install_multi_lora(model, device_slots=4, max_rank=16)
     with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=0) as cache:
-        slots = [wait_ready(cache, key("a")), wait_ready(cache, key("b")), -1]
+        rows = [[(wait_ready(cache, key("a")), 1.0)], [(wait_ready(cache, key("b")), 1.0)], []]
         input_ids = torch.randint(3, 320, (3, 4), generator=torch.Generator().manual_seed(1))
-        runtime.set_batch_slots(slots)
+        runtime.set_batch_rows(rows)
         with torch.no_grad():
             reference = model(input_ids=input_ids).logits
         stop, diffs = threading.Event(), []

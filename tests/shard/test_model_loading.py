@@ -88,7 +88,7 @@ def test_mixed_batch_over_quantized_base_matches_peft_on_the_same_base(model_dir
         runtime.pool.write(
             slot, read_peft_adapter(folder, AdapterKey(name, "local"), runtime.module_shapes, max_rank=32)
         )
-    runtime.set_batch_slots([0, -1, 1, 0])
+    runtime.set_batch_rows([[(0, 1.0)], [], [(1, 1.0)], [(0, 1.0)]])
     with torch.no_grad():
         got = model(input_ids=input_ids).logits
     # Both sides run the identical quantized kernels on identical weights with fp32 activations;
@@ -109,7 +109,7 @@ def test_bf16_base_serves_adapters_close_to_peft(model_dir, tmp_path):
     runtime = install_multi_lora(model, device_slots=1, max_rank=16)
     assert runtime.pool.dtype == torch.bfloat16
     runtime.pool.write(0, read_peft_adapter(folder, AdapterKey("r16", "local"), runtime.module_shapes, max_rank=16, dtype=torch.bfloat16))
-    runtime.set_batch_slots([0, -1])
+    runtime.set_batch_rows([[(0, 1.0)], []])
     with torch.no_grad():
         got = model(input_ids=input_ids).logits.float()
     peft_model = PeftModel.from_pretrained(copy.deepcopy(fp32_model), folder)
