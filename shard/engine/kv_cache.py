@@ -31,9 +31,9 @@ class ForwardPlan:
     write_step: torch.Tensor | None  # [N] its index along the width
     write_row: torch.Tensor | None  # [N] its cache row
     write_pos: torch.Tensor | None  # [N] the column it is written to
-    # A decode step (one new token per row, rows 0..B-1): each row writes its one token at column
-    # write_column[b] with one scatter per layer, instead of a gather and an index_put.
-    write_column: torch.Tensor | None = None  # [B, 1, 1, 1]
+    # A decode step (one new token per row, rows 0..B-1): row b writes its one token at column
+    # write_column[b], one indexed assignment per layer (no gather of the inputs first).
+    write_column: torch.Tensor | None = None  # [B]
 
 
 class SlotKVCache(Cache):
@@ -165,7 +165,7 @@ class SlotKVCache(Cache):
             write_step=None,
             write_row=None,
             write_pos=None,
-            write_column=position_ids.view(-1, 1, 1, 1),
+            write_column=position_ids.view(-1),
         )
         self._plan = plan
         self._pending = (rows, [1] * len(rows))
@@ -237,10 +237,11 @@ class SlotKVCache(Cache):
             raise RuntimeError("SlotKVCache.update called without a plan for this forward")
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if plan.write_column is not None:
+            # An indexed assignment, not scatter_: scatter_ along the column axis costs ~100x more
+            # in bf16 than in fp32 on CPU (measured ~8 ms per call at batch 32, 24 calls a step).
             n = key_states.shape[0]
-            index = plan.write_column.expand(n, key_states.shape[1], 1, key_states.shape[3])
-            keys[:n].scatter_(2, index, key_states)
-            values[:n].scatter_(2, index, value_states)
+            keys[plan.rows, :, plan.write_column] = key_states[:, :, 0]
+            values[plan.rows, :, plan.write_column] = value_states[:, :, 0]
             return keys[:n, :, : plan.kv_len], values[:n, :, : plan.kv_len]
         # [B, H, W, D] -> the real tokens as [N, H, D], written at (row, :, pos, :)
         keys[plan.write_row, :, plan.write_pos] = key_states[plan.write_batch, :, plan.write_step]
