@@ -35,7 +35,7 @@ from shard.engine.sampling import RowSampler, sample_batch
 from shard.engine.scheduler import PrefillChunk, Scheduler
 
 if TYPE_CHECKING:
-    from shard.lora import AdapterKey, LoraManager
+    from shard.lora import AdapterSelection, LoraLease, LoraManager
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ class _Sequence:
         self.row: int | None = None
         self.prefilled = 0
         self.prefix_checked = False  # looked up in the prefix cache (once, before its first chunk)
-        self.lora_entries: list[tuple[int, float]] = []  # (device slot, weight); empty = base model
-        self.holds_adapter = False
+        self.lora_lease: LoraLease | None = None  # the adapters it holds and its row's (slot, weight) entries
         self.done = False
 
 
@@ -142,7 +141,7 @@ class Engine:
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._lock = threading.Condition()
         self._cancelled: list[_Sequence] = []
-        self._adapter_retry_at: dict[AdapterKey, float] = {}
+        self._adapter_retry_at: dict[AdapterSelection, float] = {}
         self._closed = False
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -278,7 +277,7 @@ class Engine:
             self._cancelled.append(handle._sequence)
             self._lock.notify_all()
 
-    def _on_adapter_event(self, key: AdapterKey, error: Exception | None) -> None:
+    def _on_adapter_event(self, key, error: Exception | None) -> None:
         with self._lock:
             self._adapter_retry_at.clear()
             self._lock.notify_all()
@@ -355,15 +354,13 @@ class Engine:
     def _try_start(self, sequence: _Sequence) -> bool:
         key = sequence.request.adapter
         if key is None:
-            sequence.lora_entries = []
             return True
         if self._adapter_retry_at.get(key, 0) > time.monotonic():
             return False
-        slot = self.lora.try_acquire(key)
-        if slot is not None:
+        lease = self.lora.try_acquire(key)
+        if lease is not None:
             self._adapter_retry_at.pop(key, None)
-            sequence.lora_entries = [(slot, 1.0)]
-            sequence.holds_adapter = True
+            sequence.lora_lease = lease
             return True
         error = self.lora.take_load_error(key)
         if error is not None:
@@ -406,7 +403,11 @@ class Engine:
         width = max(len(x) for x in inputs)
         pad = 0
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in inputs], device=self.device)
-        adapters = self.lora.batch([s.lora_entries for s in sequences]) if self.lora is not None else contextlib.nullcontext()
+        adapters = (
+            self.lora.batch([s.lora_lease.entries if s.lora_lease is not None else () for s in sequences])
+            if self.lora is not None
+            else contextlib.nullcontext()
+        )
         try:
             with adapters:
                 out = self.model(
@@ -549,6 +550,6 @@ class Engine:
             return
         sequence.done = True
         self.scheduler.retire(sequence)
-        if sequence.holds_adapter:
-            sequence.holds_adapter = False
-            self.lora.release(sequence.request.adapter)
+        if sequence.lora_lease is not None:
+            lease, sequence.lora_lease = sequence.lora_lease, None
+            self.lora.release(lease)

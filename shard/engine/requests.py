@@ -32,7 +32,7 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     prompt_ids: list[int] | None = None
-    adapter: Any = None  # a shard.lora.AdapterKey, or None for the base model
+    adapter: Any = None  # a shard.lora.AdapterKey or AdapterMix, or None for the base model
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
 

@@ -22,9 +22,9 @@ from shard.lora.errors import (
     AdapterNotFoundError,
     AdapterRejectedError,
 )
-from shard.lora.keys import AdapterKey
+from shard.lora.keys import AdapterKey, AdapterMix
 from shard.lora.layers import MultiLoraLinear
-from shard.lora.manager import LoraManager
+from shard.lora.manager import AdapterSelection, LoraLease, LoraManager
 from shard.lora.peft_adapter import HostAdapter, LoraFactors, ModuleShape, read_peft_adapter
 from shard.lora.runtime import DEFAULT_TARGET_MODULES, LoraRuntime, install_multi_lora
 from shard.lora.slot_pool import AdapterSlotPool
@@ -36,6 +36,8 @@ __all__ = [
     "AdapterInUseError",
     "AdapterInfo",
     "AdapterKey",
+    "AdapterMix",
+    "AdapterSelection",
     "AdapterLoadTimeout",
     "AdapterNotFoundError",
     "AdapterRejectedError",
@@ -46,6 +48,7 @@ __all__ = [
     "LOCAL_VERSION",
     "LocalAdapterSource",
     "LoraFactors",
+    "LoraLease",
     "LoraManager",
     "LoraRuntime",
     "ModuleShape",

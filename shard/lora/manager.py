@@ -2,22 +2,40 @@
 
 It owns the multi-adapter layers and their slot pool (`LoraRuntime`), the residency of adapters
 across device slots, host memory and disk (`TieredAdapterCache`), and the per-step plan that
-tells every layer which (slot, weight) entries each batch row uses. A shard without adapters has no manager."""
+tells every layer which (slot, weight) entries each batch row uses. A shard without adapters has no manager.
+
+A request asks for an adapter version (`AdapterKey`) or an ad-hoc mix (`AdapterMix`); a version may
+turn out to be a registered mix. Either way a mix row holds every component (refcounted like any
+request's adapter, so none is evicted under it) and adds their weighted deltas."""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from shard.lora.batch_plan import RowEntries
-from shard.lora.keys import AdapterKey
+from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS
+from shard.lora.errors import AdapterNotFoundError, AdapterRejectedError
+from shard.lora.keys import AdapterKey, AdapterMix
 from shard.lora.runtime import DEFAULT_TARGET_MODULES, LoraRuntime, install_multi_lora
 from shard.lora.slot_pool import AdapterSlotPool
 from shard.lora.sources import AdapterSource
 from shard.lora.tiered_cache import AdapterInfo, Listener, TieredAdapterCache, TierStats
+
+AdapterSelection = AdapterKey | AdapterMix
+
+
+@dataclass(frozen=True)
+class LoraLease:
+    """What one running request holds: the adapter versions it acquired (released together) and
+    its batch row's (slot, weight) entries."""
+
+    keys: tuple[AdapterKey, ...]
+    entries: tuple[tuple[int, float], ...]
 
 
 class LoraManager:
@@ -29,6 +47,7 @@ class LoraManager:
         host_capacity: int,
         loader_threads: int = 1,
         load_observer: Callable[[str, float], None] | None = None,
+        max_mix_components: int = DEFAULT_MAX_COMPONENTS,
     ) -> None:
         """`load_observer(tier, milliseconds)` is told of every load into a tier (metrics)."""
         self.runtime = runtime
@@ -38,6 +57,7 @@ class LoraManager:
             host_capacity=host_capacity,
             loader_threads=loader_threads,
             load_observer=load_observer,
+            max_mix_components=max_mix_components,
         )
 
     @classmethod
@@ -53,6 +73,7 @@ class LoraManager:
         target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
         decode_kernel: str = "auto",
         load_observer: Callable[[str, float], None] | None = None,
+        max_mix_components: int = DEFAULT_MAX_COMPONENTS,
     ) -> "LoraManager":
         """Swap `model`'s targeted projections for multi-adapter layers (see `install_multi_lora`)
         and serve adapters from `source` into them."""
@@ -64,7 +85,13 @@ class LoraManager:
             pool_dtype=pool_dtype,
             decode_kernel=decode_kernel,
         )
-        return cls(runtime, source, host_capacity=host_capacity, load_observer=load_observer)
+        return cls(
+            runtime,
+            source,
+            host_capacity=host_capacity,
+            load_observer=load_observer,
+            max_mix_components=max_mix_components,
+        )
 
     @property
     def pool(self) -> AdapterSlotPool:
@@ -72,21 +99,52 @@ class LoraManager:
 
     # ---- the engine's calls: never block on I/O ----
 
-    def try_acquire(self, key: AdapterKey) -> int | None:
-        """The slot of `key`, held for one more request; None while it loads or after it failed
-        (see `take_load_error`)."""
-        return self._cache.try_acquire(key)
+    def try_acquire(self, selection: AdapterSelection) -> LoraLease | None:
+        """Every adapter version `selection` needs, held for one more request, with the row's
+        entries; None while any of them loads, or after a load failed (see `take_load_error`)."""
+        components = self._components(selection)
+        if any(self._cache.mix_of(key) is not None for key, _ in components):
+            return None
+        keys = tuple(key for key, _ in components)
+        slots = self._cache.try_acquire_all(keys)
+        if slots is None:
+            return None
+        return LoraLease(keys, tuple((slot, weight) for slot, (_, weight) in zip(slots, components)))
 
-    def release(self, key: AdapterKey) -> None:
-        self._cache.release(key)
+    def release(self, lease: LoraLease) -> None:
+        for key in lease.keys:
+            self._cache.release(key)
 
-    def take_load_error(self, key: AdapterKey) -> Exception | None:
-        """Why the last load of `key` failed, or None. Taking the error clears it, so the next
-        request for `key` schedules a fresh load: each failure answers one request."""
+    def take_load_error(self, selection: AdapterSelection) -> Exception | None:
+        """Why `selection` cannot be served, or None. Taking a load error clears it, so the next
+        request for it schedules a fresh load: each failure answers one request."""
+        own = self._take_error(selection) if isinstance(selection, AdapterKey) else None
+        if own is not None:
+            return own
+        for key, _ in self._components(selection):
+            if key != selection and self._cache.mix_of(key) is not None:
+                return AdapterRejectedError(f"mix {selection}: component {key} is itself a mix; mixes do not nest")
+            error = self._take_error(key)
+            if error is not None and key != selection and isinstance(error, (AdapterNotFoundError, AdapterRejectedError)):
+                # A mix over a missing or refused version cannot be served: the mix is refused.
+                return AdapterRejectedError(f"mix {selection}: component {error}")
+            if error is not None:
+                return error
+        return None
+
+    def _take_error(self, key: AdapterKey) -> Exception | None:
         error = self._cache.load_error(key)
         if error is not None:
             self._cache.clear_error(key)
         return error
+
+    def _components(self, selection: AdapterSelection) -> tuple[tuple[AdapterKey, float], ...]:
+        """(version, weight) pairs a selection adds: a version alone, or a mix's components (a
+        registered mix's once its manifest has loaded)."""
+        if isinstance(selection, AdapterMix):
+            return selection.components
+        mix = self._cache.mix_of(selection)
+        return mix.components if mix is not None else ((selection, 1.0),)
 
     def add_listener(self, callback: Listener) -> None:
         """`callback(key, error)` runs on a loader thread when a load finishes (error None = ready)."""
@@ -105,7 +163,14 @@ class LoraManager:
     # ---- the admin calls (may block) ----
 
     def load(self, key: AdapterKey, pin: bool = False, timeout: float | None = None) -> AdapterInfo:
-        return self._cache.load(key, pin=pin, timeout=timeout)
+        """Bring `key` onto the device (a registered mix: its manifest, then every component)."""
+        info = self._cache.load(key, pin=pin, timeout=timeout)
+        mix = self._cache.mix_of(key)
+        for component, _ in mix.components if mix is not None else ():
+            self._cache.load(component, pin=pin, timeout=timeout)
+            if self._cache.mix_of(component) is not None:
+                raise AdapterRejectedError(f"mix {key}: component {component} is itself a mix; mixes do not nest")
+        return info
 
     def unload(self, key: AdapterKey) -> bool:
         return self._cache.unload(key)

@@ -8,7 +8,10 @@ Everything slow — fetching, parsing, validating, copying into a slot — runs 
 `try_acquire` only looks at state under a lock, so the decoding loop never waits for a load: it
 asks again next step, or is woken by a listener. Each tier evicts least-recently-used; on the
 device an adapter with running requests (refcount > 0) or a pin is never evicted, and a load that
-finds every slot held waits until one is released."""
+finds every slot held waits until one is released.
+
+A registered mix version is a folder holding only a mix manifest (`loraplex.adapter_mix`): its
+entry records the components (`mix_of`) and takes no slot; its components are entries of their own."""
 
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS, MixError, is_mix_folder, read_manifest
 from shard.lora.errors import AdapterError, AdapterInUseError, AdapterLoadTimeout, AdapterRejectedError
-from shard.lora.keys import AdapterKey
+from shard.lora.keys import AdapterKey, AdapterMix
 from shard.lora.peft_adapter import HostAdapter, read_peft_adapter
 from shard.lora.slot_pool import AdapterSlotPool
 from shard.lora.sources import AdapterSource
@@ -104,6 +108,7 @@ class _Entry:
     target_modules: list[str] = field(default_factory=list)
     size_bytes: int = 0
     weights_sha256: str = ""
+    mix: AdapterMix | None = None  # a registered mix: its components (it holds no slot itself)
     awaited: bool = False  # a waiting request asked for it (try_acquire), not an admin load
     protected_until: float = 0.0  # monotonic time; see FRESH_LOAD_PROTECTION_S
 
@@ -121,8 +126,10 @@ class TieredAdapterCache:
         host_capacity: int,
         loader_threads: int = 1,
         load_observer: Callable[[str, float], None] | None = None,
+        max_mix_components: int = DEFAULT_MAX_COMPONENTS,
     ):
-        """`load_observer(tier, milliseconds)` is told of every load into a tier (metrics)."""
+        """`load_observer(tier, milliseconds)` is told of every load into a tier (metrics);
+        a registered mix with more than `max_mix_components` components is refused."""
         if host_capacity < 0:
             raise ValueError(f"host_capacity must be >= 0, got {host_capacity}")
         if loader_threads < 1:
@@ -131,6 +138,7 @@ class TieredAdapterCache:
         self._source = source
         self._host_capacity = host_capacity
         self._load_observer = load_observer
+        self._max_mix_components = max_mix_components
         self._lock = threading.Lock()
         self._slot_freed = threading.Condition(self._lock)
         self._entries: dict[AdapterKey, _Entry] = {}
@@ -154,20 +162,38 @@ class TieredAdapterCache:
     def try_acquire(self, key: AdapterKey) -> int | None:
         """Slot id of `key` with one more active request, or None while it loads (or failed:
         see `load_error`). The first miss schedules one background load."""
-        _check_key(key)
+        slots = self.try_acquire_all((key,))
+        return None if slots is None else slots[0]
+
+    def try_acquire_all(self, keys: tuple[AdapterKey, ...]) -> list[int] | None:
+        """The slots of all `keys`, each with one more active request, or None (nothing acquired)
+        while any is not on the device; each missing one gets one background load. All or
+        nothing, so a mix's resident components are not held (and kept from eviction) while
+        another component loads. A registered mix's own key never gets a slot (see `mix_of`)."""
+        for key in keys:
+            _check_key(key)
         with self._lock:
-            entry = self._entry(key)
-            if entry.slot is not None:
+            entries = [self._entry(key) for key in keys]
+            missing = [entry for entry in entries if entry.slot is None]
+            for entry in missing:
+                if entry.mix is None and entry.error is None and not entry.loading:
+                    self._counters[DEVICE].misses += 1
+                    entry.awaited = True
+                    self._schedule(entry)
+            if missing:
+                return None
+            for entry in entries:
                 entry.refcount += 1
                 entry.protected_until = 0.0
                 self._touch(entry)
                 self._counters[DEVICE].hits += 1
-                return entry.slot
-            if entry.error is None and not entry.loading:
-                self._counters[DEVICE].misses += 1
-                entry.awaited = True
-                self._schedule(entry)
-            return None
+            return [entry.slot for entry in entries]
+
+    def mix_of(self, key: AdapterKey) -> AdapterMix | None:
+        """The components of `key` once it has loaded as a registered mix; None otherwise."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry.mix if entry is not None else None
 
     def release(self, key: AdapterKey) -> None:
         with self._lock:
@@ -202,7 +228,7 @@ class TieredAdapterCache:
         with self._lock:
             entry = self._entry(key)
             entry.error = None
-            if entry.slot is not None:
+            if entry.slot is not None or entry.mix is not None:
                 self._counters[DEVICE].hits += 1
                 self._touch(entry)
                 entry.pinned = entry.pinned or pin
@@ -240,6 +266,9 @@ class TieredAdapterCache:
             if entry.host is not None:
                 self._host_lru.pop(key, None)
                 entry.host = None
+                removed = True
+            if entry.mix is not None:
+                entry.mix = None
                 removed = True
             entry.pinned = entry.pin_on_load = False
             entry.error = None
@@ -365,9 +394,11 @@ class TieredAdapterCache:
 
     def _load_to_device(self, key: AdapterKey) -> None:
         with self._lock:
-            if self._entries[key].slot is not None:
+            if self._entries[key].slot is not None or self._entries[key].mix is not None:
                 return
         adapter = self._host_copy(key)
+        if isinstance(adapter, AdapterMix):
+            return
         slot = self._claim_slot(key)
         started = time.perf_counter()
         try:
@@ -392,7 +423,7 @@ class TieredAdapterCache:
             entry.pin_on_load = False
             self._touch(entry)
 
-    def _host_copy(self, key: AdapterKey) -> HostAdapter:
+    def _host_copy(self, key: AdapterKey) -> HostAdapter | AdapterMix:
         with self._lock:
             entry = self._entries[key]
             if entry.host is not None:
@@ -413,6 +444,8 @@ class TieredAdapterCache:
                 entry.disk_path = disk_path
                 entry.load_ms[DISK] = elapsed_ms
                 self._locked_record_load(DISK, elapsed_ms)
+        if is_mix_folder(disk_path):
+            return self._record_mix(entry, disk_path)
         started = time.perf_counter()
         adapter = read_peft_adapter(
             disk_path, key, self._pool.module_shapes, max_rank=self._pool.max_rank, dtype=self._pool.dtype
@@ -434,6 +467,20 @@ class TieredAdapterCache:
                     self._entries[evicted].host = None
                     self._counters[HOST].evictions += 1
         return adapter
+
+    def _record_mix(self, entry: _Entry, folder: Path) -> AdapterMix:
+        try:
+            manifest = read_manifest(folder, self._max_mix_components)
+        except MixError as error:
+            raise AdapterRejectedError(f"mix {entry.key}: {error}") from None
+        mix = AdapterMix(tuple((AdapterKey(c.name, c.version), float(c.weight)) for c in manifest.components))
+        with self._lock:
+            entry.mix = mix
+            entry.size_bytes = sum(p.stat().st_size for p in folder.iterdir())
+            entry.pinned = entry.pinned or entry.pin_on_load
+            entry.pin_on_load = False
+            self._touch(entry)
+        return mix
 
     def _claim_slot(self, key: AdapterKey) -> int:
         """A free slot, else the least-recently-used evictable one; waits while every slot is
