@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from loraplex.stack.local_stack import LocalStack, LocalStackConfig, RunningStack, shard_is_serving
+from loraplex.stack.redis_server import RedisServer
 from tests.support.otlp_receiver import OtlpReceiver
 
 MLFLOW_API = "/api/2.0/mlflow"
@@ -31,6 +32,12 @@ FAST_GATEWAY_ENV = {
     "LORAPLEX_GATEWAY_HEALTH_TIMEOUT_S": "0.5",
     "LORAPLEX_GATEWAY_SHADOW_AGGREGATE_EVERY": "5",
     "LORAPLEX_GATEWAY_REQUEST_TIMEOUT_S": "60",
+    # Serving status reaches MLflow within a second or two; a writer that dies is replaced within 3 s.
+    "LORAPLEX_GATEWAY_SERVING_STATUS_INTERVAL_S": "0.5",
+    "LORAPLEX_GATEWAY_SERVING_STATUS_LEASE_S": "3",
+    # One process, sharing its store (tenant limits, shadow totals, the serving-status lease) with
+    # any other gateway a test starts against this stack.
+    "LORAPLEX_GATEWAY_WORKERS": "1",
 }
 
 
@@ -54,6 +61,7 @@ class FaultStack:
     adapter_dirs: dict[str, Path]
     work_dir: Path
     traces: OtlpReceiver  # every process of the stack exports its spans here over OTLP/HTTP
+    store: RedisServer  # the Valkey the gateway shares its state through, as replicas of a cluster do
 
     # ---- clients -----------------------------------------------------------------------------
     @property
@@ -184,13 +192,14 @@ class FaultStack:
 def fault_stack(tmp_path_factory, demo_assets) -> FaultStack:
     state_dir = tmp_path_factory.mktemp("fault-stack")
     traces = OtlpReceiver().start()
+    store = RedisServer(state_dir / "redis").start()
     # The standard OpenTelemetry variables, as a deployment sets them; spans leave every 0.2 s.
     tracing_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": traces.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
     stack = LocalStack(
         LocalStackConfig(
             state_dir=state_dir,
             always_free_ports=True,
-            gateway_env={**FAST_GATEWAY_ENV, **tracing_env},
+            gateway_env={**FAST_GATEWAY_ENV, **tracing_env, "LORAPLEX_GATEWAY_REDIS_URL": store.url},
             shard_env=dict(tracing_env),
         )
     )
@@ -198,7 +207,8 @@ def fault_stack(tmp_path_factory, demo_assets) -> FaultStack:
         running = stack.start(log=lambda _: None)
         work_dir = state_dir / "test-work"
         work_dir.mkdir()
-        yield FaultStack(stack, running, Path(demo_assets.base_dir), dict(demo_assets.adapters), work_dir, traces)
+        yield FaultStack(stack, running, Path(demo_assets.base_dir), dict(demo_assets.adapters), work_dir, traces, store)
     finally:
         stack.stop()
         traces.stop()
+        store.stop()

@@ -53,8 +53,8 @@ class AuditTrail:
     def admin_action(self, admin_key: str, event: str, client: str | None = None, **what: Any) -> None:
         self.record(f"admin:{key_id(admin_key)}", f"admin.{event}", client=client, **what)
 
-    def version_refused(self, adapter: str, version: str, assignment: str) -> None:
-        self.record("shard", "routing.version_refused", adapter=adapter, version=version, assignment=assignment)
+    def version_refused(self, adapter: str, version: str, assignment: str, reason: str = "") -> None:
+        self.record("shard", "routing.version_refused", adapter=adapter, version=version, assignment=assignment, reason=reason)
 
     def watch(self, table: RoutingTable) -> None:
         """The table in force now: later changes are reported against it."""

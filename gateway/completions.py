@@ -294,7 +294,7 @@ class CompletionService:
 
     def _fall_back(self, prepared: PreparedRequest, refused: VersionRefused) -> PreparedRequest:
         """The request re-aimed at the adapter's last good version, or `refused` raised again."""
-        fallback = self.last_good.after_refusal(prepared.choice)
+        fallback = self.last_good.after_refusal(prepared.choice, refused.details)
         if fallback is None:
             raise refused
         log.warning(

@@ -121,6 +121,18 @@ class GatewayMetrics:
             ["policy"],
             registry=r,
         )
+        self.serving_status_writer = Gauge(
+            "loraplex_gateway_serving_status_writer",
+            "1 while this process holds the cluster's lease to write serving status tags to MLflow",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.serving_status_checked = Counter(
+            "loraplex_gateway_serving_status_versions_checked", "Model versions whose serving status tags this process read in MLflow", registry=r
+        )
+        self.serving_status_written = Counter(
+            "loraplex_gateway_serving_status_tags_written", "Serving status tags this process wrote to MLflow (only changed values)", registry=r
+        )
         self.shadow_dropped = Gauge("loraplex_gateway_shadow_dropped", "Shadow copies shed because the shadow pool was full", multiprocess_mode="livesum", registry=r)
 
         # The per-request ones, as children looked up once (label sets are bounded, as the metrics' are).

@@ -27,6 +27,7 @@ from gateway.placement import PlacementRing
 from gateway.routing import VersionRouter
 from gateway.routing_source import RoutingSource, StaticRoutingSource
 from gateway.settings import GatewaySettings, SettingsError
+from gateway.serving_status import LocalRefusals, ProcessLease, RefusalsSeen, ServingStatusTask, SharedRefusals, SharedWriterLease
 from gateway.shadow import LocalShadowAggregates, SharedShadowAggregates, ShadowLog, ShadowMode, ShadowRecorder
 from gateway.shared_limits import SharedTenantLimiter
 from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
@@ -34,6 +35,7 @@ from gateway.tenant_limits import LocalTenantLimiter, TenantLimiter
 from gateway.tenants import TenantDirectory
 from gateway.version_fallback import LastGoodVersions
 from loraplex.grpc_tls import channel_credentials
+from loraplex.serving_status import VersionSelection
 from loraplex.telemetry import tracer_provider
 
 ShadowAggregateSink = Callable[[str, str, dict[str, float]], None]
@@ -69,6 +71,8 @@ class GatewayParts:
     owns_routing_source: bool = True
     tracing: TracerProvider | None = None
     owns_tracing: bool = False
+    # Writes what this cluster learns about versions onto them in MLflow (one writer per cluster).
+    serving_status: ServingStatusTask | None = None
     _background: list[asyncio.Task] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -79,6 +83,8 @@ class GatewayParts:
         if self.shadow_metrics is not None:
             self.shadow_metrics.start()
         self._background.append(asyncio.create_task(self._reload_tenants_forever(), name="tenants-reload"))
+        if self.serving_status is not None:
+            self._background.append(asyncio.create_task(self.serving_status.run_forever(), name="serving-status"))
 
     async def stop(self) -> None:
         for task in self._background:
@@ -147,17 +153,22 @@ def build_parts(
         if settings.shadow_log_path
         else None
     )
-    recorder = ShadowRecorder(
-        shadow_log,
-        settings.shadow_recent_pairs,
-        on_shadow_aggregate,
-        settings.shadow_aggregate_every,
-        SharedShadowAggregates(store) if store is not None else LocalShadowAggregates(),
+    aggregates = SharedShadowAggregates(store) if store is not None else LocalShadowAggregates()
+    recorder = ShadowRecorder(shadow_log, settings.shadow_recent_pairs, on_shadow_aggregate, settings.shadow_aggregate_every, aggregates)
+    refusals_seen = RefusalsSeen()
+    serving_status = build_serving_status(settings, pool, source, refusals_seen, aggregates, metrics, store)
+
+    def on_refused(adapter: str, version: str, assignment: str, reason: str) -> None:
+        audit.version_refused(adapter, version, assignment, reason)
+        if serving_status is not None:
+            refusals_seen.record(adapter, version, assignment, reason)
+
+    shadow = ShadowMode(
+        dispatcher, recorder, settings.shadow_sample_share, settings.shadow_max_concurrency, metrics=metrics, on_refused=on_refused
     )
-    shadow = ShadowMode(dispatcher, recorder, settings.shadow_sample_share, settings.shadow_max_concurrency, metrics=metrics)
     prompt_measure = PromptMeasure(settings.max_prompt_chars, settings.max_prompt_tokens, settings.tokenizer_dir)
     limiter = build_tenant_limiter(settings, metrics, store)
-    last_good = LastGoodVersions(settings.refused_version_retry_s, on_refused=audit.version_refused)
+    last_good = LastGoodVersions(settings.refused_version_retry_s, on_refused=on_refused)
     service = CompletionService(settings, router, dispatcher, limiter, metrics, shadow, prompt_measure, last_good)
     return GatewayParts(
         settings,
@@ -176,6 +187,39 @@ def build_parts(
         owns_routing_source=routing_source is None,
         tracing=tracing,
         owns_tracing=owns_tracing,
+        serving_status=serving_status,
+    )
+
+
+def build_serving_status(
+    settings: GatewaySettings,
+    pool: ShardPool,
+    source: RoutingSource,
+    seen: RefusalsSeen,
+    aggregates: LocalShadowAggregates | SharedShadowAggregates,
+    metrics: GatewayMetrics,
+    store: Redis | None,
+) -> ServingStatusTask | None:
+    """The serving-status cycle, when there is a registry to write to and it is not switched off."""
+    if not settings.registry_tracking_uri or not settings.serving_status_interval_s:
+        return None
+    from registry.mlflow_rest import RestPolicy  # lazy: the registry pulls in MLflow
+    from registry.serving_status import ServingStatusWriter
+
+    # Fail fast, no retries: the next cycle is the retry.
+    registry = build_registry(settings, RestPolicy(timeout_s=5.0, max_retries=0))
+    return ServingStatusTask(
+        pool=pool,
+        routing_source=source,
+        writer=ServingStatusWriter(registry),
+        lease=SharedWriterLease(store, settings.serving_status_lease_s) if store is not None else ProcessLease(),
+        seen=seen,
+        refusals=SharedRefusals(store) if store is not None else LocalRefusals(),
+        shadow_aggregates=aggregates,
+        selection=VersionSelection(settings.serving_status_batch),
+        metrics=metrics,
+        interval_s=settings.serving_status_interval_s,
+        shard_timeout_s=settings.health_timeout_s * 4,
     )
 
 
@@ -191,14 +235,20 @@ def build_tenant_limiter(settings: GatewaySettings, metrics: GatewayMetrics, sto
     )
 
 
+def build_registry(settings: GatewaySettings, rest_policy=None):
+    """The gateway's client of the adapter registry (`registry.AdapterRegistry`). The gateway only reads
+    aliases and tags and writes tags; the cache dir is where fetches would land."""
+    from registry import AdapterRegistry  # lazy: the registry pulls in MLflow
+
+    cache_dir = Path(settings.registry_cache_dir or Path.home() / ".cache" / "loraplex" / "gateway-registry")
+    return AdapterRegistry(settings.registry_tracking_uri, cache_dir, rest_policy=rest_policy)
+
+
 def build_routing_source(settings: GatewaySettings) -> RoutingSource:
     if settings.registry_tracking_uri:
-        from registry import AdapterRegistry, RoutingTableWatcher  # lazy: the registry pulls in MLflow
+        from registry import RoutingTableWatcher
 
-        # The gateway only reads the routing table; the cache dir is where fetches would land.
-        cache_dir = Path(settings.registry_cache_dir or Path.home() / ".cache" / "loraplex" / "gateway-registry")
-        registry = AdapterRegistry(settings.registry_tracking_uri, cache_dir)
-        return RoutingTableWatcher(registry, settings.registry_poll_interval_s)
+        return RoutingTableWatcher(build_registry(settings), settings.registry_poll_interval_s)
     return StaticRoutingSource.from_mapping(settings.static_routes)
 
 

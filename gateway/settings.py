@@ -89,6 +89,13 @@ class GatewaySettings(LayeredSettings):
     # A request's concurrency lease; renewed every third of it while the request runs, so a crashed
     # process's requests stop counting this long after it died.
     limits_lease_s: float = 10.0
+    # Serving status written onto MLflow model versions (tags loraplex.status / .resident / .shadow)
+    # by one process per cluster (a lease in the shared store when redis_url is set): a cycle every
+    # interval (0 = never), at most `serving_status_batch` versions read (and changed tags written)
+    # per cycle; a writer that stops renewing its lease is replaced after `serving_status_lease_s`.
+    serving_status_interval_s: float = 5.0
+    serving_status_batch: int = 200
+    serving_status_lease_s: float = 20.0
     # Processes serving the port: 0 = one per core when redis_url is set, else 1.
     workers: int = 0
     # Distinct adapters named in metric labels per process; the rest are counted as `_other`
@@ -124,6 +131,11 @@ class GatewaySettings(LayeredSettings):
         check_pair(self.shard_tls_cert_file, self.shard_tls_key_file, "shard_tls_cert_file / shard_tls_key_file")
         if (self.shard_tls_cert_file or self.shard_tls_server_name) and not self.shard_tls_ca_file:
             raise SettingsError("shard_tls_cert_file, shard_tls_key_file and shard_tls_server_name need shard_tls_ca_file")
+        if self.serving_status_interval_s < 0 or self.serving_status_batch <= 0:
+            raise SettingsError("serving_status_interval_s must be >= 0 (0 = off) and serving_status_batch positive")
+        if self.serving_status_interval_s and self.serving_status_lease_s <= self.serving_status_interval_s:
+            # The writer renews once per cycle: a shorter lease would lapse between renewals.
+            raise SettingsError("serving_status_lease_s must be longer than serving_status_interval_s")
         if self.workers < 0:
             raise SettingsError("workers must be >= 0 (0 = automatic)")
         if self.workers > 1 and not self.redis_url:

@@ -22,7 +22,7 @@ from pathlib import Path
 from redis.exceptions import RedisError
 
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult
-from gateway.errors import ShardError
+from gateway.errors import ShardError, VersionRefused
 from gateway.metrics import GatewayMetrics
 from loraplex.adapter_format import adapter_ref
 
@@ -93,6 +93,10 @@ class LocalShadowAggregates:
         aggregate.add(pair)
         return replace(aggregate)
 
+    async def get(self, adapter: str, version: str) -> ShadowAggregate | None:
+        aggregate = self._aggregates.get((adapter, version))
+        return None if aggregate is None else replace(aggregate)
+
 
 # KEYS: the (adapter, shadow version) hash. ARGV: exact match (0/1), agreement, primary ms, shadow
 # ms, ttl s. Returns the merged totals, `pairs` first.
@@ -114,13 +118,31 @@ class SharedShadowAggregates:
     pairs are still logged and kept as recent pairs, but do not count in the aggregates."""
 
     def __init__(self, client, ttl_s: int = 7 * 24 * 3600, key_prefix: str = "loraplex:shadow"):
+        self._client = client
         self._add = client.register_script(_ADD_PAIR)
         self.ttl_s = ttl_s
         self.key_prefix = key_prefix
         self._store_up = True
 
+    def _key(self, adapter: str, version: str) -> str:
+        return f"{self.key_prefix}:{{{adapter}}}:{version}"
+
+    async def get(self, adapter: str, version: str) -> ShadowAggregate | None:
+        """The merged totals of one shadow version, None when it has none; raises RedisError while the store is down."""
+        totals = await self._client.hgetall(self._key(adapter, version))
+        if not totals:
+            return None
+        read = {key.decode() if isinstance(key, bytes) else key: float(value) for key, value in totals.items()}
+        return ShadowAggregate(
+            int(read.get("pairs", 0)),
+            int(read.get("exact_matches", 0)),
+            read.get("agreement_sum", 0.0),
+            read.get("primary_latency_ms_sum", 0.0),
+            read.get("shadow_latency_ms_sum", 0.0),
+        )
+
     async def add(self, pair: ShadowPair) -> ShadowAggregate | None:
-        key = f"{self.key_prefix}:{{{pair.adapter}}}:{pair.shadow_version}"
+        key = self._key(pair.adapter, pair.shadow_version)
         args = [int(pair.exact_match), pair.token_agreement, pair.primary_latency_ms, pair.shadow_latency_ms, self.ttl_s]
         try:
             pairs, exact, agreement, primary, shadow = await self._add(keys=[key], args=args)
@@ -225,10 +247,12 @@ class ShadowMode:
         rng: random.Random | None = None,
         primary_wait_s: float = 300.0,
         metrics: GatewayMetrics | None = None,
+        on_refused: Callable[[str, str, str, str], None] | None = None,
     ):
         self.dispatcher = dispatcher
         self.recorder = recorder
         self.metrics = metrics
+        self.on_refused = on_refused  # (adapter, version, "shadow", reason): the shards refused the shadow version
         self.sample_share = sample_share
         self.max_concurrency = max_concurrency
         self.primary_wait_s = primary_wait_s
@@ -265,6 +289,8 @@ class ShadowMode:
             first = await asyncio.wait_for(asyncio.shield(primary), self.primary_wait_s)
         except (ShardError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
             log.info("shadow copy of %s dropped: %s", job.request_id, exc)
+            if isinstance(exc, VersionRefused) and self.on_refused is not None:
+                self.on_refused(job.adapter, shadow_job.version, "shadow", exc.details)
             return
         except Exception:
             log.exception("shadow copy of %s failed", job.request_id)

@@ -33,10 +33,10 @@ class LastGoodVersions:
         self,
         retry_refused_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
-        on_refused: Callable[[str, str, str], None] | None = None,
+        on_refused: Callable[[str, str, str, str], None] | None = None,
     ):
         self.retry_refused_s = retry_refused_s
-        self.on_refused = on_refused  # (adapter, version, assignment), once per refusal period
+        self.on_refused = on_refused  # (adapter, version, assignment, reason), once per refusal period
         self._clock = clock
         self._last_good: dict[str, str] = {}
         self._refused_until: dict[tuple[str, str], float] = {}
@@ -54,14 +54,14 @@ class LastGoodVersions:
         with self._lock:
             return self._last_good.get(adapter)
 
-    def refused(self, choice: VersionChoice) -> None:
+    def refused(self, choice: VersionChoice, reason: str = "") -> None:
         key = (choice.adapter, choice.version)
         with self._lock:
             now = self._clock()
             newly = self._refused_until.get(key, now) <= now
             self._refused_until[key] = now + self.retry_refused_s
         if newly and self.on_refused is not None:
-            self.on_refused(choice.adapter, choice.version, choice.assignment)
+            self.on_refused(choice.adapter, choice.version, choice.assignment, reason)
 
     def is_refused(self, adapter: str, version: str) -> bool:
         with self._lock:
@@ -82,9 +82,9 @@ class LastGoodVersions:
             return None
         return replace(choice, version=good, assignment="champion")
 
-    def after_refusal(self, choice: VersionChoice) -> VersionChoice | None:
-        """Records that the shards refused `choice`'s version; the choice to retry with, if any."""
-        self.refused(choice)
+    def after_refusal(self, choice: VersionChoice, reason: str = "") -> VersionChoice | None:
+        """Records that the shards refused `choice`'s version (saying `reason`); the choice to retry with, if any."""
+        self.refused(choice, reason)
         fallback = self.fallback_for(choice)
         if fallback is not None:
             with self._lock:

@@ -278,6 +278,18 @@ class AdapterRegistry:
             key=lambda v: int(v.version),
         )
 
+    def version_tags(self, name: str, version: str) -> dict[str, str]:
+        """The tags on one model version as MLflow holds them now."""
+        found = self.rest.get("model-versions/get", {"name": name, "version": str(version)})["model_version"]
+        return {entry["key"]: entry.get("value", "") for entry in found.get("tags") or []}
+
+    def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
+        self.rest.post("model-versions/set-tag", {"name": name, "version": str(version), "key": key, "value": value})
+
+    def search_versions(self, search_filter: str) -> list[AdapterVersion]:
+        """Every model version MLflow's search `search_filter` matches (all pages)."""
+        return [_version_from_rest(mv) for mv in self._search_all("model-versions/search", search_filter, "model_versions")]
+
     def _search_adapter_models(self, retry: bool = True) -> list[dict]:
         return self._search_all(
             "registered-models/search", f"tags.`{TAG_ADAPTER}` = 'true'", "registered_models", retry=retry
