@@ -143,7 +143,7 @@ class ListAdaptersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "capacity", "used", "hits", "misses", "evictions", "load_ms_p50", "load_ms_p95")
+    __slots__ = ("tier", "capacity", "used", "hits", "misses", "evictions", "load_ms_p50", "load_ms_p95", "capacity_bytes", "used_bytes")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,8 @@ class TierStats(_message.Message):
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_P50_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_P95_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     tier: str
     capacity: int
     used: int
@@ -160,7 +162,9 @@ class TierStats(_message.Message):
     evictions: int
     load_ms_p50: float
     load_ms_p95: float
-    def __init__(self, tier: _Optional[str] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., load_ms_p50: _Optional[float] = ..., load_ms_p95: _Optional[float] = ...) -> None: ...
+    capacity_bytes: int
+    used_bytes: int
+    def __init__(self, tier: _Optional[str] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., load_ms_p50: _Optional[float] = ..., load_ms_p95: _Optional[float] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
     __slots__ = ("adapters", "tiers")

@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -402,7 +403,9 @@ class AdapterRegistry:
         """A local, sha256-verified copy of the version's PEFT folder, from the cache when present.
 
         Nothing already in the cache changes when a version is refused. While MLflow is unreachable,
-        a numbered version fetched before is still served from the cache.
+        a numbered version fetched before is still served from the cache (also after a restart: the
+        cache and its version index are on disk). A cached folder is checked against its content
+        address before it is handed out; a damaged one is removed and downloaded again.
         """
         try:
             adapter = self.resolve(name, str(version))
@@ -416,7 +419,7 @@ class AdapterRegistry:
             raise AdapterRejected(f"{label} has no valid {TAG_FOLDER_SHA256} tag: it was not published through loraplex")
         self._check_base(label, adapter.base_fingerprint, expected_base_fingerprint)
         target = self.cache_dir / adapter.folder_sha256
-        if not target.is_dir():
+        if not self._cached_intact(target):
             self._download_into_cache(adapter, target)
         self._remember(adapter)
         return target
@@ -476,11 +479,68 @@ class AdapterRegistry:
             return None
         sha256 = known.get("sha256") or ""
         target = self.cache_dir / sha256
-        if not _SHA256_HEX.match(sha256) or not target.is_dir():
+        if not _SHA256_HEX.match(sha256) or not self._cached_intact(target):
             return None
         self._check_base(f"{name} v{version}", known.get("base_fingerprint"), expected_base_fingerprint)
         logger.warning("MLflow unreachable: serving %s v%s from the local cache", name, version)
         return target
+
+    def _cached_intact(self, target: Path) -> bool:
+        """Whether the cache holds `target` with the content its name (its folder_sha256) promises;
+        marks it recently used. A damaged copy (a disk error, a hand edit) is removed."""
+        if not target.is_dir():
+            return False
+        actual = folder_sha256(target)
+        if actual != target.name:
+            logger.warning("cached adapter folder %s is damaged (sha256 %s…); removing it", target, actual[:12])
+            self._remove_cached(target)
+            return False
+        os.utime(target)  # the cache's least-recently-used order is its folders' mtimes
+        return True
+
+    def _remove_cached(self, folder: Path) -> None:
+        # Renamed first, so a concurrent fetch never sees half a folder under a content address.
+        doomed = self.cache_dir / f".evicted-{uuid.uuid4().hex}"
+        try:
+            os.rename(folder, doomed)
+        except OSError:
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def cached_folders(self) -> list[tuple[Path, int]]:
+        """The download cache's adapter folders and their sizes in bytes, least recently used first."""
+        if not self.cache_dir.is_dir():
+            return []
+        folders = [p for p in self.cache_dir.iterdir() if _SHA256_HEX.match(p.name) and p.is_dir()]
+        folders.sort(key=lambda p: p.stat().st_mtime)
+        return [(p, sum(f.stat().st_size for f in p.rglob("*") if f.is_file())) for p in folders]
+
+    def prune_cache(self, max_bytes: int, keep: Collection[Path] = ()) -> tuple[list[Path], int]:
+        """Removes least-recently-used adapter folders until the cache holds at most `max_bytes`
+        (0 = no bound), never one in `keep`, and the version index entries that named them.
+        Returns the folders removed and the bytes still held."""
+        folders = self.cached_folders()
+        held = sum(size for _, size in folders)
+        kept = {Path(p) for p in keep}
+        removed: list[Path] = []
+        for folder, size in folders:
+            if max_bytes <= 0 or held <= max_bytes:
+                break
+            if folder in kept:
+                continue
+            self._remove_cached(folder)
+            removed.append(folder)
+            held -= size
+        if removed:
+            gone = {folder.name for folder in removed}
+            for index in (self.cache_dir / ".versions").glob("*/*.json"):
+                try:
+                    if json.loads(index.read_text()).get("sha256") in gone:
+                        index.unlink()
+                except (OSError, ValueError):
+                    continue
+            logger.info("adapter download cache: removed %d least recently used folder(s), %d bytes held", len(removed), held)
+        return removed, held
 
     def _download(self, adapter: AdapterVersion, into: Path) -> Path:
         from mlflow.artifacts import download_artifacts

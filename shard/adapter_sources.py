@@ -5,6 +5,7 @@ adapters (tests, single-host demos) does not need MLflow at all."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from shard.lora import AdapterError, AdapterKey, AdapterNotFoundError, AdapterRejectedError, LocalAdapterSource
@@ -18,11 +19,20 @@ class RegistryAdapterSource:
     """Downloads an adapter version through ``registry.AdapterRegistry.fetch`` (sha256-verified,
     content-addressed cache) and refuses versions published for another base model."""
 
-    def __init__(self, tracking_uri: str, cache_dir: Path, base_fingerprint: str | None, max_rank: int = 64) -> None:
+    def __init__(
+        self, tracking_uri: str, cache_dir: Path, base_fingerprint: str | None, max_rank: int = 64, max_bytes: int = 0
+    ) -> None:
         from registry import AdapterRegistry
 
         self._registry = AdapterRegistry(tracking_uri, Path(cache_dir), max_rank)
         self._base_fingerprint = base_fingerprint or None
+        self.max_bytes = max_bytes
+        # A restart with a smaller bound shrinks what earlier runs left; nothing serves yet.
+        self.trim(())
+
+    def trim(self, keep: Collection[Path]) -> tuple[list[Path], int]:
+        """The download cache brought within `max_bytes` (see `registry.AdapterRegistry.prune_cache`)."""
+        return self._registry.prune_cache(self.max_bytes, keep)
 
     def fetch(self, key: AdapterKey) -> Path:
         import registry
@@ -57,6 +67,10 @@ def adapter_source_for(settings, base_fingerprint: str):
         return LocalAdapterSource({name: Path(path) for name, path in settings.adapter_dirs.items()})
     if settings.registry_tracking_uri:
         return RegistryAdapterSource(
-            settings.registry_tracking_uri, Path(settings.adapter_cache_dir), base_fingerprint, settings.max_rank
+            settings.registry_tracking_uri,
+            Path(settings.adapter_cache_dir),
+            base_fingerprint,
+            settings.max_rank,
+            settings.disk_cache_bytes,
         )
     return None

@@ -177,6 +177,10 @@ def _tier_families(tiers) -> Iterator:
     families = {
         "resident": GaugeMetricFamily("loraplex_shard_adapters_resident", "Adapters held in the tier", labels=["tier"]),
         "capacity": GaugeMetricFamily("loraplex_shard_adapter_tier_capacity", "Adapters the tier can hold (0 = unbounded)", labels=["tier"]),
+        "bytes": GaugeMetricFamily("loraplex_shard_adapter_tier_bytes", "Bytes of adapters held in the tier", labels=["tier"]),
+        "capacity_bytes": GaugeMetricFamily(
+            "loraplex_shard_adapter_tier_capacity_bytes", "Bytes the tier may hold (0 = no byte bound)", labels=["tier"]
+        ),
         "hits": CounterMetricFamily("loraplex_shard_adapter_tier_hits", "Lookups that found the adapter in the tier", labels=["tier"]),
         "misses": CounterMetricFamily("loraplex_shard_adapter_tier_misses", "Lookups that had to load from the tier below", labels=["tier"]),
         "evictions": CounterMetricFamily("loraplex_shard_adapter_evictions", "Adapters evicted from the tier (least recently used)", labels=["tier"]),
@@ -184,6 +188,8 @@ def _tier_families(tiers) -> Iterator:
     for tier in tiers:
         families["resident"].add_metric([tier.tier], tier.used)
         families["capacity"].add_metric([tier.tier], tier.capacity)
+        families["bytes"].add_metric([tier.tier], tier.used_bytes)
+        families["capacity_bytes"].add_metric([tier.tier], tier.capacity_bytes)
         families["hits"].add_metric([tier.tier], tier.hits)
         families["misses"].add_metric([tier.tier], tier.misses)
         families["evictions"].add_metric([tier.tier], tier.evictions)

@@ -84,6 +84,7 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
             device_slots=settings.device_slots,
             max_rank=settings.max_rank,
             host_capacity=settings.host_capacity,
+            host_bytes=settings.host_cache_bytes,
             pool_dtype=pool_dtype[settings.adapter_dtype],
             load_observer=metrics.observe_adapter_load if metrics is not None else None,
         )
@@ -174,6 +175,8 @@ def _tier_stats(stats) -> shard_pb2.TierStats:
         evictions=stats.evictions,
         load_ms_p50=stats.load_ms_p50,
         load_ms_p95=stats.load_ms_p95,
+        capacity_bytes=stats.capacity_bytes,
+        used_bytes=stats.used_bytes,
     )
 
 

@@ -42,7 +42,13 @@ class ShardSettings(LayeredSettings):
     prefix_cache_mb: int = 256
     prefix_block_tokens: int = 16
     device_slots: int = 8
+    # The host tier (parsed adapters in memory) holds at most host_cache_bytes of adapters and, as a
+    # second cap, host_capacity of them; least recently used go first, never one that is serving.
+    host_cache_bytes: int = 4 * 2**30
     host_capacity: int = 32
+    # The disk tier (the registry's download cache under adapter_cache_dir) holds at most this many
+    # bytes of adapter folders; least recently used go after each download (0 = unbounded).
+    disk_cache_bytes: int = 16 * 2**30
     max_rank: int = 64
     # Dtype of the adapter slot pools: "auto" = the model's activation dtype (exact against PEFT);
     # "bf16" halves the bytes read per decode step (~0.4% relative error in the adapter's delta).
@@ -81,6 +87,8 @@ class ShardSettings(LayeredSettings):
                      "device_slots", "host_capacity", "max_rank"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.host_cache_bytes <= 0 or self.disk_cache_bytes < 0:
+            raise SettingsError("host_cache_bytes must be positive and disk_cache_bytes >= 0")
         if self.prefix_cache_mb < 0 or self.prefix_block_tokens < 1:
             raise SettingsError("prefix_cache_mb must be >= 0 and prefix_block_tokens >= 1")
         if self.max_queue < 0 or self.torch_threads < 0 or self.drain_timeout_s < 0:

@@ -10,6 +10,12 @@ asks again next step, or is woken by a listener. Each tier evicts least-recently
 device an adapter with running requests (refcount > 0) or a pin is never evicted, and a load that
 finds every slot held waits until one is released.
 
+The host tier is bounded by bytes (`host_bytes`) and, on top, by a count (`host_capacity`); the
+disk tier by bytes through its source (`TrimmableSource.trim`), after every download. Neither
+bound evicts an adapter that is serving: pinned, in a slot with running requests, or being
+loaded. Such adapters can hold a tier over its bound until they stop serving; the next eviction
+pass then brings it back under.
+
 A registered mix version is a folder holding only a mix manifest (`loraplex.adapter_mix`): its
 entry records the components (`mix_of`) and takes no slot; its components are entries of their own."""
 
@@ -23,7 +29,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Protocol, runtime_checkable
 
 from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS, MixError, is_mix_folder, read_manifest
 from shard.lora.errors import AdapterError, AdapterInUseError, AdapterLoadTimeout, AdapterRejectedError
@@ -63,7 +69,8 @@ class AdapterInfo:
 
 @dataclass
 class TierStats:
-    """Mirrors protos.shard_pb2.TierStats. capacity 0 = unbounded (the disk tier)."""
+    """Mirrors protos.shard_pb2.TierStats. capacity 0 = no count bound (the disk tier);
+    capacity_bytes 0 = no byte bound."""
 
     tier: str
     capacity: int
@@ -73,6 +80,21 @@ class TierStats:
     evictions: int
     load_ms_p50: float
     load_ms_p95: float
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+
+
+@runtime_checkable
+class TrimmableSource(Protocol):
+    """A source whose folders are a cache it may shrink (the registry's download cache; local
+    adapter folders are not)."""
+
+    max_bytes: int  # the cache's byte bound (0 = none)
+
+    def trim(self, keep: Collection[Path]) -> tuple[list[Path], int]:
+        """Removes least-recently-used folders until the cache fits its byte bound, never one in
+        `keep`; returns the folders removed and the bytes still held."""
+        ...
 
 
 @dataclass
@@ -124,19 +146,25 @@ class TieredAdapterCache:
         source: AdapterSource,
         *,
         host_capacity: int,
+        host_bytes: int = 0,
         loader_threads: int = 1,
         load_observer: Callable[[str, float], None] | None = None,
         max_mix_components: int = DEFAULT_MAX_COMPONENTS,
     ):
-        """`load_observer(tier, milliseconds)` is told of every load into a tier (metrics);
-        a registered mix with more than `max_mix_components` components is refused."""
-        if host_capacity < 0:
-            raise ValueError(f"host_capacity must be >= 0, got {host_capacity}")
+        """`host_capacity` adapters and `host_bytes` bytes (0 = no byte bound) at most in host
+        memory; host_capacity 0 keeps no host copies. `load_observer(tier, milliseconds)` is told
+        of every load into a tier (metrics); a registered mix with more than `max_mix_components`
+        components is refused."""
+        if host_capacity < 0 or host_bytes < 0:
+            raise ValueError(f"host_capacity and host_bytes must be >= 0, got {host_capacity}, {host_bytes}")
         if loader_threads < 1:
             raise ValueError(f"loader_threads must be >= 1, got {loader_threads}")
         self._pool = pool
         self._source = source
         self._host_capacity = host_capacity
+        self._host_bytes = host_bytes
+        self._host_used_bytes = 0
+        self._disk_used_bytes = 0
         self._load_observer = load_observer
         self._max_mix_components = max_mix_components
         self._lock = threading.Lock()
@@ -264,8 +292,7 @@ class TieredAdapterCache:
                 removed = True
                 self._slot_freed.notify_all()
             if entry.host is not None:
-                self._host_lru.pop(key, None)
-                entry.host = None
+                self._locked_drop_host(entry)
                 removed = True
             if entry.mix is not None:
                 entry.mix = None
@@ -299,6 +326,12 @@ class TieredAdapterCache:
                 DISK: sum(e.disk_path is not None for e in self._entries.values()),
             }
             capacity = {DEVICE: self._pool.num_slots, HOST: self._host_capacity, DISK: 0}
+            used_bytes = {
+                DEVICE: sum(self._entries[o].size_bytes for o in self._slot_owner if o is not None),
+                HOST: self._host_used_bytes,
+                DISK: self._disk_used_bytes,
+            }
+            capacity_bytes = {DEVICE: 0, HOST: self._host_bytes, DISK: self._disk_capacity_bytes()}
             return [
                 TierStats(
                     tier=tier,
@@ -309,6 +342,8 @@ class TieredAdapterCache:
                     evictions=c.evictions,
                     load_ms_p50=c.percentile(0.50),
                     load_ms_p95=c.percentile(0.95),
+                    capacity_bytes=capacity_bytes[tier],
+                    used_bytes=used_bytes[tier],
                 )
                 for tier, c in self._counters.items()
             ]
@@ -385,6 +420,7 @@ class TieredAdapterCache:
                     if error is not None:
                         entry.pin_on_load = False
                     entry.done.set()
+                    self._locked_trim_host()  # the copy just loaded no longer counts as serving
                 listeners = list(self._listeners)
             for listener in listeners:
                 try:
@@ -444,6 +480,7 @@ class TieredAdapterCache:
                 entry.disk_path = disk_path
                 entry.load_ms[DISK] = elapsed_ms
                 self._locked_record_load(DISK, elapsed_ms)
+            self._trim_disk()
         if is_mix_folder(disk_path):
             return self._record_mix(entry, disk_path)
         started = time.perf_counter()
@@ -460,12 +497,10 @@ class TieredAdapterCache:
             self._locked_record_load(HOST, elapsed_ms)
             if self._host_capacity > 0:
                 entry.host = adapter
+                self._host_used_bytes += adapter.size_bytes
                 self._host_lru[key] = None
                 self._host_lru.move_to_end(key)
-                while len(self._host_lru) > self._host_capacity:
-                    evicted, _ = self._host_lru.popitem(last=False)
-                    self._entries[evicted].host = None
-                    self._counters[HOST].evictions += 1
+                self._locked_trim_host()
         return adapter
 
     def _record_mix(self, entry: _Entry, folder: Path) -> AdapterMix:
@@ -481,6 +516,46 @@ class TieredAdapterCache:
             entry.pin_on_load = False
             self._touch(entry)
         return mix
+
+    def _locked_serving(self, entry: _Entry) -> bool:
+        return entry.pinned or entry.pin_on_load or entry.refcount > 0 or entry.loading
+
+    def _locked_drop_host(self, entry: _Entry) -> None:
+        self._host_lru.pop(entry.key, None)
+        self._host_used_bytes -= entry.host.size_bytes
+        entry.host = None
+
+    def _locked_over_host_bound(self) -> bool:
+        over_count = len(self._host_lru) > self._host_capacity
+        return over_count or (self._host_bytes > 0 and self._host_used_bytes > self._host_bytes)
+
+    def _locked_trim_host(self) -> None:
+        """Least recently used host copies go until the tier fits both bounds; serving ones stay."""
+        for key in list(self._host_lru):  # oldest first
+            if not self._locked_over_host_bound():
+                return
+            entry = self._entries[key]
+            if self._locked_serving(entry):
+                continue
+            self._locked_drop_host(entry)
+            self._counters[HOST].evictions += 1
+
+    def _disk_capacity_bytes(self) -> int:
+        return self._source.max_bytes if isinstance(self._source, TrimmableSource) else 0
+
+    def _trim_disk(self) -> None:
+        if not isinstance(self._source, TrimmableSource):
+            return
+        with self._lock:
+            keep = {e.disk_path for e in self._entries.values() if e.disk_path is not None and self._locked_serving(e)}
+        removed, used_bytes = self._source.trim(keep)
+        gone = set(removed)
+        with self._lock:
+            self._disk_used_bytes = used_bytes
+            for entry in self._entries.values():
+                if entry.disk_path is not None and entry.disk_path in gone:
+                    entry.disk_path = None
+                    self._counters[DISK].evictions += 1
 
     def _claim_slot(self, key: AdapterKey) -> int:
         """A free slot, else the least-recently-used evictable one; waits while every slot is

@@ -201,6 +201,12 @@ def test_shards_and_gateways_load_into_the_real_settings(k8s_docs):
     (port,) = headless["spec"]["ports"]
     assert port["port"] == gateway.shard_dns_port == shard.port and port["targetPort"] == "grpc"
     assert shard_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The adapter tiers' byte bounds fit the pod: the host tier in half its memory limit, the disk
+    # tier inside its volume with room for a download in flight.
+    gib = 2**30
+    assert shard_container["resources"]["limits"]["memory"] == "48Gi" and shard.host_cache_bytes <= 24 * gib
+    cache_claim = next(t for t in shard_set["spec"]["volumeClaimTemplates"] if t["metadata"]["name"] == "adapter-cache")
+    assert cache_claim["spec"]["resources"]["requests"]["storage"] == "20Gi" and 0 < shard.disk_cache_bytes <= 18 * gib
 
 
 def test_images_are_the_builds_each_workload_needs(k8s_docs):

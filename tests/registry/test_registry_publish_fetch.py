@@ -216,3 +216,46 @@ def test_concurrent_fetches_share_one_cache_entry(adapter_registry, make_adapter
     assert set(paths) == {adapter_registry.cache_dir / published.folder_sha256}
     assert folder_sha256(paths[0]) == published.folder_sha256
     assert not [p for p in adapter_registry.cache_dir.iterdir() if p.name.startswith(".incoming")]
+
+
+def test_download_cache_is_bounded_by_bytes_least_recently_used_first(adapter_registry, make_adapter, tiny_base, adapter_name):
+    versions = [adapter_registry.publish(make_adapter(rank=4), adapter_name, tiny_base).version for _ in range(3)]
+    folders = [adapter_registry.fetch(adapter_name, v) for v in versions]
+    sizes = dict(adapter_registry.cached_folders())
+    assert len(sizes) == 3
+    adapter_registry.fetch(adapter_name, versions[0])  # a cache hit: v1 is now the most recently used
+    bound = sizes[folders[0]] + sizes[folders[2]]
+    removed, held = adapter_registry.prune_cache(bound, keep=())
+    assert removed == [folders[1]] and held == bound  # v2, the least recently used, went
+    assert [p for p, _ in adapter_registry.cached_folders()] == [folders[2], folders[0]]
+    assert not (adapter_registry.cache_dir / ".versions" / adapter_name / f"{versions[1]}.json").exists()
+    # What is kept (serving) stays even over the bound; the rest goes oldest first.
+    removed, held = adapter_registry.prune_cache(1, keep={folders[2]})
+    assert removed == [folders[0]] and held == sizes[folders[2]]
+    assert adapter_registry.prune_cache(0, keep=()) == ([], held)  # 0 = no bound
+    # A removed version is simply downloaded again.
+    assert adapter_registry.fetch(adapter_name, versions[1]) == folders[1] and folders[1].is_dir()
+
+
+def test_cached_folder_is_checked_against_its_content_address_online_and_offline(
+    adapter_registry, make_adapter, tiny_base, adapter_name
+):
+    from registry import AdapterRegistry, RegistryUnavailable, RestPolicy
+    from loraplex.stack.ports import free_port
+
+    good, damaged = (adapter_registry.publish(make_adapter(), adapter_name, tiny_base).version for _ in range(2))
+    good_folder, damaged_folder = adapter_registry.fetch(adapter_name, good), adapter_registry.fetch(adapter_name, damaged)
+    # MLflow gone (nothing listens on the port), the same cache on disk: a restarted shard.
+    offline = AdapterRegistry(f"http://127.0.0.1:{free_port()}", adapter_registry.cache_dir,
+                              rest_policy=RestPolicy(timeout_s=2, max_retries=0))
+    assert offline.fetch(adapter_name, good) == good_folder
+    weights = damaged_folder / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RegistryUnavailable):
+        offline.fetch(adapter_name, damaged)  # never served damaged: refused while offline
+    assert not damaged_folder.exists()
+    # Online again, the damaged copy is replaced by a verified download.
+    assert adapter_registry.fetch(adapter_name, damaged) == damaged_folder
+    assert folder_sha256(damaged_folder) == damaged_folder.name

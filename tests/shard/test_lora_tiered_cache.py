@@ -271,3 +271,56 @@ def test_a_load_for_a_waiting_request_is_not_evicted_before_the_request_takes_it
         assert tiers(cache) == {"a": "host", "b": "host", "c": "device", "d": "device"}
         assert cache.try_acquire(key("c")) is not None and cache.try_acquire(key("d")) is not None
         assert stats(cache)["device"].evictions == 2
+
+
+def adapter_sizes(runtime, adapter_dirs) -> dict[str, int]:
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=8) as cache:
+        for name in "abcd":
+            cache.load(key(name), timeout=WAIT_S)
+        return {info.adapter.name: info.size_bytes for info in cache.adapters()}
+
+
+def host_held(cache) -> tuple[int, int]:
+    host = stats(cache)["host"]
+    return host.used, host.used_bytes
+
+
+def test_host_tier_is_bounded_by_bytes_least_recently_used_first(runtime, adapter_dirs):
+    sizes = adapter_sizes(runtime, adapter_dirs)
+    assert len(set(sizes.values())) == 4  # ranks 4, 8, 12, 16: four different sizes
+    bound = sizes["c"] + sizes["d"]  # room for the two largest, never for three
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=8, host_bytes=bound) as cache:
+        for name in "abcd":
+            cache.load(key(name), timeout=WAIT_S)
+            host = stats(cache)["host"]
+            assert host.used_bytes <= bound and host.capacity_bytes == bound
+        # a and b (least recently used) went; c and d (the newest) fill the bound exactly.
+        assert stats(cache)["host"].used_bytes == sizes["c"] + sizes["d"]
+        assert stats(cache)["host"].evictions == 2
+        cache.load(key("a"), timeout=WAIT_S)  # back from disk; now c is the least recently used
+        assert stats(cache)["host"].used_bytes == sizes["d"] + sizes["a"]
+        # The count bound still holds on top of the byte bound.
+    with TieredAdapterCache(runtime.pool, LocalAdapterSource(adapter_dirs), host_capacity=1, host_bytes=10**9) as cache:
+        cache.load(key("a"), timeout=WAIT_S)
+        cache.load(key("b"), timeout=WAIT_S)
+        assert stats(cache)["host"].used == 1 and stats(cache)["host"].used_bytes == sizes["b"]
+
+
+def test_host_byte_bound_never_evicts_a_serving_adapter(tiny_llama, runtime, adapter_dirs):
+    import copy
+
+    sizes = adapter_sizes(runtime, adapter_dirs)
+    bound = sizes["a"] + sizes["b"]
+    three_slots = install_multi_lora(copy.deepcopy(tiny_llama), device_slots=3, max_rank=16)
+    with TieredAdapterCache(three_slots.pool, LocalAdapterSource(adapter_dirs), host_capacity=8, host_bytes=bound) as cache:
+        cache.load(key("a"), pin=True, timeout=WAIT_S)  # pinned
+        cache.load(key("b"), timeout=WAIT_S)
+        assert cache.try_acquire(key("b")) is not None  # a running request holds it
+        cache.load(key("c"), timeout=WAIT_S)
+        # c pushed the tier over its bound; a and b are older but serving, so c's own copy went.
+        assert host_held(cache) == (2, sizes["a"] + sizes["b"]) and stats(cache)["host"].evictions == 1
+        cache.unpin(key("a"))
+        cache.release(key("b"))
+        cache.load(key("d"), timeout=WAIT_S)  # now idle, a and b go; d alone exceeds the bound
+        assert sizes["d"] > bound and host_held(cache) == (0, 0) and stats(cache)["host"].evictions == 4
+        assert tiers(cache)["b"] == "device"  # out of the host tier, still serving from its slot

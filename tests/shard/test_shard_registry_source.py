@@ -78,3 +78,39 @@ def test_registry_backed_shard_serves_published_versions(tiny_model_dir, tiny_ad
     # version that served before when a shard answers FAILED_PRECONDITION (test_gateway_version_fallback).
     assert nan_refused == grpc.StatusCode.FAILED_PRECONDITION
     assert fingerprint and fingerprint == published.base_fingerprint
+
+
+def test_shard_keeps_its_host_and_disk_tiers_within_their_byte_bounds(tiny_model_dir, tiny_adapter_dirs, adapter_registry, tmp_path):
+    from registry import AdapterRegistry
+
+    names = ["alpha", "beta", "gamma"]
+    versions = {n: adapter_registry.publish(tiny_adapter_dirs[n], f"bound-{n}-{tmp_path.name}"[-60:], tiny_model_dir) for n in names}
+    disk_sizes = {n: sum(f.stat().st_size for f in tiny_adapter_dirs[n].rglob("*") if f.is_file()) for n in names}
+    disk_bound = max(disk_sizes.values()) + 1  # one adapter folder at a time
+    host_bound = 1  # smaller than any adapter: nothing idle stays parsed in memory
+    cache_dir = tmp_path / "shard-cache"
+    settings = shard_test_settings(
+        tiny_model_dir, {}, registry_tracking_uri=adapter_registry.tracking_uri, adapter_cache_dir=str(cache_dir),
+        host_cache_bytes=host_bound, disk_cache_bytes=disk_bound, device_slots=1,
+    )
+    order = names + ["alpha"]  # alpha comes back after its folder was pruned
+
+    async def run():
+        answers, tiers_after = [], []
+        async with running_shard(settings) as address, grpc.aio.insecure_channel(address) as channel:
+            stub = shard_pb2_grpc.ShardStub(channel)
+            for n in order:
+                v = versions[n]
+                chunks = [c async for c in stub.Generate(generate_request(adapter=v.name, version=v.version, max_tokens=6))]
+                answers.append([t for c in chunks for t in c.token_ids])
+                tiers_after.append({t.tier: t for t in (await stub.Stats(shard_pb2.StatsRequest())).tiers})
+        return answers, tiers_after
+
+    answers, tiers_after = asyncio.run(run())
+    for tiers in tiers_after:
+        assert tiers["disk"].used_bytes <= disk_bound and tiers["disk"].capacity_bytes == disk_bound
+        assert tiers["host"].used_bytes <= host_bound and tiers["host"].capacity_bytes == host_bound
+    assert tiers_after[-1]["disk"].evictions >= 3 and tiers_after[-1]["host"].evictions >= 4
+    held = AdapterRegistry(adapter_registry.tracking_uri, cache_dir).cached_folders()
+    assert sum(size for _, size in held) <= disk_bound and len(held) == 1
+    assert answers[0] == answers[-1]  # alpha, downloaded again after its eviction, answers the same
