@@ -1,7 +1,8 @@
 """The promise to whoever promotes, through the UI a person clicks: in MLflow's own web UI, in a
 real browser (the distribution's Chromium driven by Playwright), move `champion` to a new version
-of an adapter and see live traffic follow within 5 s; then see that version's shadow comparison
-on its page. Works on `clinical`; puts its champion back after.
+of an adapter and see live traffic follow within 5 s; then see on that version's page its serving
+status, where it is loaded and its shadow summary (tags the gateway writes), and its shadow
+metrics on its run. Works on `clinical`; puts its champion back after.
 
 Set LORAPLEX_UI_SCREENSHOTS=docs/images to refresh the screenshots docs/mlflow-ui.md shows."""
 
@@ -28,6 +29,12 @@ ADAPTER = "clinical"
 PROMOTION_DEADLINE_S = 5.0
 UI_TIMEOUT_MS = 60_000  # MLflow's pages load slowly on a busy 2-core machine
 SHADOW_METRICS = ("shadow_pairs", "shadow_token_agreement", "shadow_exact_match_rate")
+STATUS_DEADLINE_S = 10.0  # the stack writes serving status every 0.5 s
+STATUS_TAG_VALUES = {
+    "loraplex.status": "serving",
+    "loraplex.status.resident": re.compile(r"shard-\d+:(device|host|disk)"),
+    "loraplex.status.shadow": re.compile(r"\d+ pairs vs champion: \d+% same text, token agreement [01]\.\d\d"),
+}
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
 if not Path(CHROMIUM).exists():
@@ -46,7 +53,13 @@ def run_metrics(fs, run_id: str) -> dict[str, float]:
     return {m["key"]: m["value"] for m in reply.json()["run"]["data"].get("metrics", [])}
 
 
-def test_moving_champion_in_the_mlflow_ui_moves_traffic_and_the_version_shows_its_shadow_metrics(fault_stack, tmp_path):
+def version_tags(fs, version: str) -> dict[str, str]:
+    reply = httpx.get(f"{fs.mlflow_url}{MLFLOW_API}/model-versions/get", params={"name": ADAPTER, "version": version}, timeout=10)
+    reply.raise_for_status()
+    return {t["key"]: t.get("value", "") for t in reply.json()["model_version"].get("tags") or []}
+
+
+def test_moving_champion_in_the_mlflow_ui_moves_traffic_and_the_version_shows_its_serving_status_and_shadow_metrics(fault_stack, tmp_path):
     fs = fault_stack
     champion = fs.alias_version(ADAPTER, "champion")
     candidate = fs.publish_variant(ADAPTER, "ui-candidate", lora_alpha_factor=3.0)
@@ -90,12 +103,30 @@ def test_moving_champion_in_the_mlflow_ui_moves_traffic_and_the_version_shows_it
                 playwright_api.expect(dialog).to_be_hidden(timeout=UI_TIMEOUT_MS)
                 assert fs.alias_version(ADAPTER, "champion") == candidate
 
-                # The version's page: the alias it now holds, and its run's shadow comparison.
+                # The version now serves: the gateway says so on it (its status, where it is
+                # loaded, its shadow summary), seen first through the REST API, then on its page.
+                tags = wait_for(
+                    lambda: (t := version_tags(fs, candidate)).get("loraplex.status") == "serving" and "loraplex.status.shadow" in t and t,
+                    STATUS_DEADLINE_S, 0.2,
+                )
+                assert tags, f"no serving status on version {candidate}: {version_tags(fs, candidate)}"
                 page.get_by_role("link", name=f"Version {candidate}", exact=True).click()
                 playwright_api.expect(page.get_by_text("@ champion").first).to_be_visible(timeout=UI_TIMEOUT_MS)
+                # Residency may change while the page loads (another shard loads it): its shape is checked.
+                for key, value in STATUS_TAG_VALUES.items():
+                    row = page.get_by_role("row").filter(has=page.get_by_role("cell", name=key, exact=True))
+                    playwright_api.expect(row).to_contain_text(value, timeout=UI_TIMEOUT_MS)
                 assistant = page.get_by_role("button", name="Close")  # MLflow's chat side panel
                 if assistant.count() == 1:
                     assistant.click()
+                # The tags table scrolls inside a few rows' height: scroll it, as a person would,
+                # until the status rows (one prefix, so side by side) are in view.
+                status_cell = page.get_by_role("cell", name="loraplex.status", exact=True)
+                first_cell = page.get_by_role("row").nth(1).get_by_role("cell").first
+                first_cell.hover()
+                page.mouse.wheel(0, status_cell.bounding_box()["y"] - first_cell.bounding_box()["y"])
+                playwright_api.expect(status_cell).to_be_in_viewport(timeout=UI_TIMEOUT_MS)
+                page.wait_for_timeout(300)  # the scroll settles before the picture
                 page.screenshot(path=str(screenshots / "mlflow-version-page.png"))
                 page.get_by_role("link", name=f"publish-{ADAPTER}").first.click()  # Source Run
                 page.get_by_role("tab", name="Overview").click()  # the link opens the run's artifacts

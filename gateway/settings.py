@@ -89,7 +89,7 @@ class GatewaySettings(LayeredSettings):
     # A request's concurrency lease; renewed every third of it while the request runs, so a crashed
     # process's requests stop counting this long after it died.
     limits_lease_s: float = 10.0
-    # Serving status written onto MLflow model versions (tags loraplex.status / .resident / .shadow)
+    # Serving status written onto MLflow model versions (tags loraplex.status, loraplex.status.*)
     # by one process per cluster (a lease in the shared store when redis_url is set): a cycle every
     # interval (0 = never), at most `serving_status_batch` versions read (and changed tags written)
     # per cycle; a writer that stops renewing its lease is replaced after `serving_status_lease_s`.

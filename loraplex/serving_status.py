@@ -3,9 +3,9 @@
 Whoever is about to move an alias in the MLflow UI sees, on the version's page:
 - `loraplex.status`: `serving` (a healthy shard holds it loaded), `refused: <reason>` (a shard
   refused to load it and none holds it since) or `not loaded` (no shard holds it now);
-- `loraplex.resident`: where it is loaded, `shard-0:device, shard-1:host` (tiers as the shards
+- `loraplex.status.resident`: where it is loaded, `shard-0:device, shard-1:host` (tiers as the shards
   report them), or `none`;
-- `loraplex.shadow`: a short summary of its shadow comparison with the champion, once it has one
+- `loraplex.status.shadow`: a short summary of its shadow comparison with the champion, once it has one
   (the full numbers are metrics on the version's run).
 
 This module derives those values from what the gateway observed; it does no I/O. The gateway
@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 from loraplex.routing_table import RoutingTable
 
+# One prefix: MLflow's version page lists tags sorted by name in a table a few rows high, so the
+# three stay side by side where a promoter looks.
 TAG_STATUS = "loraplex.status"
-TAG_RESIDENT = "loraplex.resident"
-TAG_SHADOW = "loraplex.shadow"
+TAG_RESIDENT = "loraplex.status.resident"
+TAG_SHADOW = "loraplex.status.shadow"
 STATUS_TAGS = (TAG_STATUS, TAG_RESIDENT, TAG_SHADOW)
 
 SERVING = "serving"
