@@ -245,3 +245,68 @@ def test_serving_status_settings_are_checked(settings, message):
 
     with pytest.raises(SettingsError, match=message):
         GatewaySettings.from_mapping(settings)
+
+
+# ---- what the gateway gathers, from scripted shards over gRPC ----------------------------------
+
+def test_refusals_reach_the_status_with_the_shards_reason_from_requests_and_shadow_copies(shard_servers):
+    import grpc
+
+    from gateway.dispatch import Dispatcher, GenerationJob
+    from gateway.errors import VersionRefused
+    from gateway.placement import PlacementRing
+    from gateway.routing import VersionChoice
+    from gateway.shadow import ShadowMode, ShadowRecorder
+    from gateway.shards import ShardPool, StaticDiscovery
+    from gateway.version_fallback import LastGoodVersions
+
+    for server in shard_servers:
+        server.servicer.faults[("legal", "4")] = grpc.StatusCode.FAILED_PRECONDITION
+        server.servicer.faults[("legal", "5")] = grpc.StatusCode.FAILED_PRECONDITION
+
+    async def run():
+        pool = ShardPool(StaticDiscovery([s.address for s in shard_servers]), PlacementRing(), 0.1, 0.5)
+        await pool.start()
+        seen = RefusalsSeen()
+        try:
+            dispatcher = Dispatcher(pool, 10.0)
+            # A request for a refused version: the completion service hands the refusal to LastGoodVersions.
+            job = GenerationJob("r1", "legal", "4", prompt="p", max_tokens=2)
+            with pytest.raises(VersionRefused) as refused:
+                await dispatcher.generate(job, "legal@4")
+            LastGoodVersions(on_refused=seen.record).after_refusal(VersionChoice("legal@4", "legal", "4", "pinned"), refused.value.details)
+            # A shadow copy of a request sent to a refused shadow version.
+            shadow = ShadowMode(dispatcher, ShadowRecorder(), sample_share=1.0, on_refused=seen.record)
+            primary = asyncio.get_running_loop().create_future()
+            primary.set_result(await dispatcher.generate(GenerationJob("r2", "legal", "3", prompt="p", max_tokens=2), "legal"))
+            assert shadow.maybe_start(GenerationJob("r2", "legal", "3", prompt="p", max_tokens=2), "5", "acme", primary)
+            await shadow.drain()
+            return seen.take()
+        finally:
+            await pool.stop()
+
+    taken = asyncio.run(run())
+    assert set(taken) == {("legal", "4"), ("legal", "5")}
+    assert all("scripted FAILED_PRECONDITION for legal" in refusal.reason for refusal in taken.values())
+
+
+def test_residency_is_every_version_each_healthy_shard_lists(shard_servers):
+    from gateway.placement import PlacementRing
+    from gateway.serving_status import gather_residency
+    from gateway.shards import ShardPool, StaticDiscovery
+
+    shard_servers[0].servicer.loaded.update({("legal", "3"): False, ("sql", "1"): True})
+    shard_servers[1].servicer.loaded.update({("legal", "3"): False})
+
+    async def run():
+        pool = ShardPool(StaticDiscovery([s.address for s in shard_servers]), PlacementRing(), 0.1, 0.5)
+        await pool.start()
+        try:
+            return await gather_residency(pool, 2.0)
+        finally:
+            await pool.stop()
+
+    residency = asyncio.run(run())
+    first, second = (s.servicer.name for s in shard_servers)
+    assert sorted(residency[("legal", "3")], key=lambda r: r.shard) == [Residency(first, "device"), Residency(second, "device")]
+    assert residency[("sql", "1")] == [Residency(first, "device")]
