@@ -39,6 +39,9 @@ from gateway.version_fallback import LastGoodVersions
 from loraplex.routing_table import FALLBACK_BASE
 
 log = logging.getLogger(__name__)
+# Versions tried one after another when the shards refuse the routed one and then its fallback
+# (an earlier champion can be broken too); each refusal is one quick round trip.
+MAX_VERSION_FALLBACKS = 3
 
 Served = TypeVar("Served", GenerationResult, ShardStream)
 
@@ -268,11 +271,13 @@ class CompletionService:
         a refused version's last good one, then - when the adapter's fallback policy is `base` - the
         base model, said by `x-loraplex-route: fallback`, a metric and a log line; else the error."""
         try:
-            try:
-                return prepared, await call(prepared.job, prepared.choice.model)
-            except VersionRefused as refused:
-                prepared = self._fall_back(prepared, refused)
-                return prepared, await call(prepared.job, prepared.choice.model)
+            for attempt in range(MAX_VERSION_FALLBACKS + 1):
+                try:
+                    return prepared, await call(prepared.job, prepared.choice.model)
+                except VersionRefused as refused:
+                    if attempt == MAX_VERSION_FALLBACKS:
+                        raise
+                    prepared = self._fall_back(prepared, refused)
         except ShardError as failure:
             reason = unservable_reason(failure)
             if prepared.choice.fallback != FALLBACK_BASE or reason is None:

@@ -33,7 +33,9 @@ from gateway.shared_limits import SharedTenantLimiter
 from gateway.shards import DnsDiscovery, ShardPool, StaticDiscovery
 from gateway.tenant_limits import LocalTenantLimiter, TenantLimiter
 from gateway.tenants import TenantDirectory
+from gateway.serving_record import ServingRecord
 from gateway.version_fallback import LastGoodVersions
+from loraplex.routing_table import RoutingTable
 from loraplex.grpc_tls import channel_credentials
 from loraplex.serving_status import VersionSelection
 from loraplex.telemetry import tracer_provider
@@ -130,11 +132,14 @@ def build_parts(
     metrics = GatewayMetrics(settings.metrics_adapter_labels)
     owns_tracing = tracing is None
     tracing = tracing or tracer_provider("loraplex-gateway")
-    source = routing_source if routing_source is not None else build_routing_source(settings)
+    record = ServingRecord(settings.serving_record_file) if settings.serving_record_file else None
+    source = routing_source if routing_source is not None else build_routing_source(settings, record)
     audit = AuditTrail()
     if source.on_change is None:  # a source handed in with a listener of its own keeps it
         audit.watch(source.current())
         source.on_change = audit.routing_table_seen
+    if record is not None:
+        source.on_change = _also_recorded(source.on_change, record)
     pool = shard_pool if shard_pool is not None else build_shard_pool(settings, metrics, tracing)
     router = VersionRouter(source, settings.base_model_id)
     dispatcher = Dispatcher(
@@ -168,7 +173,13 @@ def build_parts(
     )
     prompt_measure = PromptMeasure(settings.max_prompt_chars, settings.max_prompt_tokens, settings.tokenizer_dir)
     limiter = build_tenant_limiter(settings, metrics, store)
-    last_good = LastGoodVersions(settings.refused_version_retry_s, on_refused=on_refused)
+    last_good = LastGoodVersions(
+        settings.refused_version_retry_s,
+        on_refused=on_refused,
+        champion_history=lambda adapter: _champion_history(source, adapter),
+        remembered=record.last_good if record is not None else None,
+        on_last_good_changed=record.save_last_good if record is not None else None,
+    )
     service = CompletionService(settings, router, dispatcher, limiter, metrics, shadow, prompt_measure, last_good)
     return GatewayParts(
         settings,
@@ -244,12 +255,29 @@ def build_registry(settings: GatewaySettings, rest_policy=None):
     return AdapterRegistry(settings.registry_tracking_uri, cache_dir, rest_policy=rest_policy)
 
 
-def build_routing_source(settings: GatewaySettings) -> RoutingSource:
+def build_routing_source(settings: GatewaySettings, record: ServingRecord | None = None) -> RoutingSource:
     if settings.registry_tracking_uri:
         from registry import RoutingTableWatcher
 
-        return RoutingTableWatcher(build_registry(settings), settings.registry_poll_interval_s)
+        watcher = RoutingTableWatcher(build_registry(settings), settings.registry_poll_interval_s)
+        if record is not None and record.table is not None:
+            watcher.seed(record.table)  # in force until MLflow answers: a restart during its outage
+        return watcher
     return StaticRoutingSource.from_mapping(settings.static_routes)
+
+
+def _also_recorded(listener: Callable[[RoutingTable], None] | None, record: ServingRecord) -> Callable[[RoutingTable], None]:
+    def on_change(table: RoutingTable) -> None:
+        if listener is not None:
+            listener(table)
+        record.save_table(table)
+
+    return on_change
+
+
+def _champion_history(source: RoutingSource, adapter: str) -> tuple[str, ...]:
+    route = source.current().route(adapter)
+    return route.champion_history if route is not None else ()
 
 
 def build_shard_pool(settings: GatewaySettings, metrics: GatewayMetrics, tracing: TracerProvider | None = None) -> ShardPool:

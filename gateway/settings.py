@@ -76,6 +76,10 @@ class GatewaySettings(LayeredSettings):
     # A version the shards refused (corrupt, wrong base) is not tried again for this long; meanwhile
     # the adapter's last version that served keeps serving.
     refused_version_retry_s: float = 30.0
+    # A file where the gateway keeps its last routing table and each adapter's last version that
+    # served ("" = none): a gateway restarted while MLflow is down or a champion is refused serves
+    # from it (gateway/serving_record.py).
+    serving_record_file: str = ""
     # Admin API calls (/admin/*) per admin key and minute, per gateway process; past it 429 + Retry-After.
     admin_rate_per_minute: int = 60
     # Tenant limits shared by every worker and replica through Redis/Valkey (gateway/shared_limits.py);

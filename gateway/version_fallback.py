@@ -8,8 +8,11 @@ such a version with FAILED_PRECONDITION (the dispatcher's `VersionRefused`); the
   doomed download on every request), then tries the promoted version again (its artifacts may
   have been repaired).
 
-With no version known to have served (a gateway started while the champion was already broken),
-the refusal reaches the client as 503 `adapter_unavailable`, as before.
+A gateway started while the champion was already broken has seen nothing serve. It falls back to
+the last good version its `ServingRecord` file kept from before the restart, else to the newest
+earlier champion in the adapter's champion history (the registry's `loraplex.champion_history`
+tag) that is not itself refused. With neither, the refusal reaches the client as 503
+`adapter_unavailable`.
 A refused canary falls back the same way: its share of traffic goes to the last good champion.
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import msgspec
@@ -34,11 +37,20 @@ class LastGoodVersions:
         retry_refused_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         on_refused: Callable[[str, str, str, str], None] | None = None,
+        *,
+        champion_history: Callable[[str], Sequence[str]] = lambda adapter: (),
+        remembered: dict[str, str] | None = None,
+        on_last_good_changed: Callable[[dict[str, str]], None] | None = None,
     ):
+        """`champion_history(adapter)`: its earlier champions, oldest first; `remembered`: last good
+        versions from before a restart; `on_last_good_changed(all)` is told of every change (to keep
+        the record)."""
         self.retry_refused_s = retry_refused_s
         self.on_refused = on_refused  # (adapter, version, assignment, reason), once per refusal period
         self._clock = clock
-        self._last_good: dict[str, str] = {}
+        self._champion_history = champion_history
+        self._on_last_good_changed = on_last_good_changed
+        self._last_good: dict[str, str] = dict(remembered or {})
         self._refused_until: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         self.fallbacks = 0
@@ -47,8 +59,12 @@ class LastGoodVersions:
         """A champion answer came back from `version`: it is the one to fall back to."""
         if choice.assignment == "champion" and choice.adapter and version:
             with self._lock:
+                changed = self._last_good.get(choice.adapter) != version
                 self._last_good[choice.adapter] = version
                 self._refused_until.pop((choice.adapter, version), None)
+                everything = dict(self._last_good)
+            if changed and self._on_last_good_changed is not None:
+                self._on_last_good_changed(everything)
 
     def last_good(self, adapter: str) -> str | None:
         with self._lock:
@@ -77,10 +93,11 @@ class LastGoodVersions:
         """The choice to use instead of one whose version was refused, or None when there is none."""
         if choice.assignment not in FALLBACK_ASSIGNMENTS or not choice.adapter:
             return None
-        good = self.last_good(choice.adapter)
-        if good is None or good == choice.version:
-            return None
-        return replace(choice, version=good, assignment="champion")
+        candidates = [self.last_good(choice.adapter), *reversed(self._champion_history(choice.adapter))]
+        for good in candidates:
+            if good and good != choice.version and not self.is_refused(choice.adapter, good):
+                return replace(choice, version=good, assignment="champion")
+        return None
 
     def after_refusal(self, choice: VersionChoice, reason: str = "") -> VersionChoice | None:
         """Records that the shards refused `choice`'s version (saying `reason`); the choice to retry with, if any."""

@@ -31,6 +31,10 @@ class AdapterRoute:
     # None: the registry sets no tenant list and the tenants file alone decides; otherwise only these.
     tenants: frozenset[str] | None = None
     fallback: str = FALLBACK_NONE  # one of FALLBACK_POLICIES, chosen by the adapter's owner
+    # Earlier champions, oldest first, as `loraplex adapters promote/rollback` recorded them (the
+    # registered-model tag loraplex.champion_history): where a gateway that never saw a champion
+    # serve looks for a version to fall back to.
+    champion_history: tuple[str, ...] = ()
 
     def alias_versions(self) -> dict[str, str]:
         """alias -> version, for the aliases that name one."""

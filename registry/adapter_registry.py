@@ -34,6 +34,7 @@ from registry.routing import (
     TAG_FALLBACK,
     FALLBACK_POLICIES,
     MalformedTagWarnings,
+    parse_champion_history,
     RoutingTable,
     route_from_registered_model,
     AdapterRoute,
@@ -366,7 +367,7 @@ class AdapterRegistry:
         """
         model = self._registered_model(name)
         tags = {entry["key"]: entry.get("value", "") for entry in model.get("tags") or []}
-        history = [v.strip() for v in tags.get(TAG_CHAMPION_HISTORY, "").split(",") if v.strip().isdigit()]
+        history = list(parse_champion_history(tags.get(TAG_CHAMPION_HISTORY)))
         current = next((str(e["version"]) for e in model.get("aliases") or [] if e["alias"] == CHAMPION), None)
         if current is not None and (not history or history[-1] != current):
             history.append(current)

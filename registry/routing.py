@@ -58,6 +58,11 @@ def parse_fallback(raw: str | None) -> str | None:
     return value if value in FALLBACK_POLICIES else None
 
 
+def parse_champion_history(raw: str | None) -> tuple[str, ...]:
+    """The version numbers in the tag, oldest first; anything else in it is ignored."""
+    return tuple(part.strip() for part in (raw or "").split(",") if part.strip().isdigit())
+
+
 def parse_tenants(raw: str | None) -> frozenset[str] | None:
     if raw is None:
         return None
@@ -97,4 +102,5 @@ def route_from_registered_model(model: dict, warn: MalformedTagWarnings | None =
         canary_percent=canary_percent,
         tenants=parse_tenants(tags.get(TAG_TENANTS)),
         fallback=fallback,
+        champion_history=parse_champion_history(tags.get(TAG_CHAMPION_HISTORY)),
     )

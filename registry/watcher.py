@@ -34,6 +34,7 @@ class RoutingTableWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_poll_failed = False
+        self._seeded = False
         self._failures_in_a_row = 0
         self.last_success_unix: float | None = None
         self.last_error: str | None = None
@@ -47,7 +48,15 @@ class RoutingTableWatcher:
 
     @property
     def has_table(self) -> bool:
-        return self.last_success_unix is not None
+        return self.last_success_unix is not None or self._seeded
+
+    def seed(self, table: RoutingTable) -> None:
+        """Puts a table read before (a restart's record) in force until the first successful poll
+        replaces it; it counts as stale meanwhile."""
+        with self._lock:
+            if self.last_success_unix is None:
+                self._table = table
+                self._seeded = True
 
     @property
     def is_stale(self) -> bool:

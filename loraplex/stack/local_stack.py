@@ -191,6 +191,7 @@ class LocalStack:
             "LORAPLEX_GATEWAY_REGISTRY_TRACKING_URI": self.mlflow.url,
             "LORAPLEX_GATEWAY_REGISTRY_CACHE_DIR": str(state / "gateway-registry-cache"),
             "LORAPLEX_GATEWAY_SHADOW_LOG_PATH": str(state / "shadow.jsonl"),
+            "LORAPLEX_GATEWAY_SERVING_RECORD_FILE": str(state / "gateway-serving-record.json"),
             **self.config.gateway_env,
         }
         self.gateway = ManagedProcess(

@@ -13,7 +13,9 @@ from gateway.app import create_apps
 from gateway.routing import VersionChoice
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings
+from gateway.serving_record import ServingRecord
 from gateway.version_fallback import LastGoodVersions
+from loraplex.routing_table import AdapterRoute, RoutingTable
 
 
 ADMIN_PORT = 8001
@@ -31,7 +33,7 @@ def refuse(server: ScriptedShardServer, adapter: str, version: str) -> None:
     server.servicer.faults[(adapter, version)] = grpc.StatusCode.FAILED_PRECONDITION
 
 
-def _client(tmp_path, tenants_file, shard, source, retry_s=30.0):
+def _client(tmp_path, tenants_file, shard, source, retry_s=30.0, **more):
     settings = GatewaySettings.from_mapping(
         {
             "tenants_file": str(tenants_file),
@@ -40,6 +42,7 @@ def _client(tmp_path, tenants_file, shard, source, retry_s=30.0):
             "request_timeout_s": 10,
             "refused_version_retry_s": retry_s,
             "admin_port": ADMIN_PORT,
+            **more,
         }
     )
     return TestClient(create_apps(settings, routing_source=source).by_port())
@@ -107,3 +110,64 @@ def test_canary_refused_goes_to_the_champion_and_pinned_or_base_never_fall_back(
     # A canary answer does not become the champion's fallback.
     last_good.served(VersionChoice("legal", "legal", "3", "canary"), "3")
     assert last_good.last_good("legal") == "1"
+
+
+def test_a_restarted_gateway_falls_back_to_the_version_its_record_kept(tmp_path, tenants_file, refusing_shard):
+    record = tmp_path / "serving-record.json"
+    refuse(refusing_shard, "legal", "2")
+    before = StaticRoutingSource.from_mapping({"legal": {"champion": "1"}})
+    with _client(tmp_path, tenants_file, refusing_shard, before, serving_record_file=str(record)) as client:
+        assert _complete(client).headers["x-loraplex-version"] == "1"
+    assert ServingRecord(record).last_good == {"legal": "1"}
+    # A new gateway process, the champion already refused: without the record this is a 503
+    # (test_without_a_last_good_version_the_refusal_is_a_503).
+    broken = StaticRoutingSource.from_mapping({"legal": {"champion": "2"}})
+    with _client(tmp_path, tenants_file, refusing_shard, broken, serving_record_file=str(record)) as client:
+        for stream in (False, True):
+            response = _complete(client, stream=stream)
+            assert response.status_code == 200, response.text
+            assert (response.headers["x-loraplex-version"], response.headers["x-loraplex-route"]) == ("1", "champion")
+
+
+def test_without_a_record_the_champion_history_names_the_version_to_fall_back_to(tmp_path, tenants_file, refusing_shard):
+    refuse(refusing_shard, "legal", "3")
+    refuse(refusing_shard, "legal", "2")
+    # As `loraplex adapters promote` recorded it: 1, then 2 (itself broken since), then 3.
+    table = RoutingTable({"legal": AdapterRoute("legal", "3", champion_history=("1", "2", "3"))}, 1.0)
+    with _client(tmp_path, tenants_file, refusing_shard, StaticRoutingSource(table)) as client:
+        response = _complete(client)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-loraplex-version"] == "1"  # 2 was refused too: the one before it
+
+
+def test_a_gateway_started_while_mlflow_is_down_serves_the_recorded_table(tmp_path, tenants_file, refusing_shard):
+    from loraplex.stack.ports import free_port
+
+    record_path = tmp_path / "serving-record.json"
+    record = ServingRecord(record_path)
+    record.save_table(RoutingTable({"legal": AdapterRoute("legal", "2", champion_history=("1", "2"))}, 1.0))
+    record.save_last_good({"legal": "2"})
+    dead_mlflow = f"http://127.0.0.1:{free_port()}"  # nothing listens: MLflow is down
+    settings = GatewaySettings.from_mapping(
+        {
+            "tenants_file": str(tenants_file), "shard_addresses": [refusing_shard.address], "health_interval_s": 0.1,
+            "request_timeout_s": 10, "admin_port": ADMIN_PORT, "registry_tracking_uri": dead_mlflow,
+            "registry_cache_dir": str(tmp_path / "registry-cache"), "serving_record_file": str(record_path),
+            "serving_status_interval_s": 0,
+        }
+    )
+    with TestClient(create_apps(settings).by_port()) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["routing_table_stale"] is True
+        response = _complete(client)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-loraplex-version"] == "2"
+
+
+def test_an_unreadable_record_is_ignored(tmp_path):
+    path = tmp_path / "serving-record.json"
+    path.write_text("{not json")
+    record = ServingRecord(path)
+    assert record.table is None and record.last_good == {}
+    record.save_last_good({"legal": "4"})
+    assert ServingRecord(path).last_good == {"legal": "4"}
