@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Collection
@@ -40,8 +41,18 @@ from registry.routing import (
     AdapterRoute,
 )
 from registry.upload import upload_folder
-from loraplex.adapter_format import AdapterFormatError, check_adapter_files, folder_sha256, read_config
-from registry.validation import AdapterFacts, check_no_symlinks, validate_adapter
+from loraplex.adapter_format import AdapterFormatError, adapter_ref, check_adapter_files, folder_sha256, read_config
+from loraplex.adapter_mix import (
+    DEFAULT_MAX_COMPONENTS,
+    MixComponent,
+    MixError,
+    check_components,
+    describe,
+    is_mix_folder,
+    read_manifest,
+    write_manifest,
+)
+from registry.validation import AdapterFacts, check_no_symlinks, folder_size_bytes, validate_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +61,8 @@ TAG_FOLDER_SHA256 = "loraplex.sha256"  # the tag's name predates the field's; ve
 TAG_RANK = "loraplex.rank"
 TAG_TARGET_MODULES = "loraplex.target_modules"
 TAG_SIZE_BYTES = "loraplex.size_bytes"
+# On a mix version: its components as `describe` writes them (what the MLflow UI shows).
+TAG_MIX = "loraplex.mix"
 
 ARTIFACT_SUBDIR = "adapter"
 DEFAULT_EXPERIMENT = "loraplex-adapters"
@@ -73,6 +86,7 @@ class AdapterVersion:
     source: str
     run_id: str | None
     aliases: tuple[str, ...]
+    mix: str | None = None  # a mix version's components (`legal@3×0.7 + clinical@3×0.3`); None for an adapter
 
 
 def check_adapter_name(name: str) -> None:
@@ -106,6 +120,7 @@ def _version_from_rest(model_version: dict, aliases: tuple[str, ...] | None = No
         source=model_version.get("source", ""),
         run_id=model_version.get("run_id") or None,
         aliases=tuple(aliases if aliases is not None else model_version.get("aliases") or ()),
+        mix=tags.get(TAG_MIX) or None,
     )
 
 
@@ -118,10 +133,12 @@ class AdapterRegistry:
         *,
         experiment_name: str = DEFAULT_EXPERIMENT,
         rest_policy: RestPolicy | None = None,
+        max_mix_components: int = DEFAULT_MAX_COMPONENTS,
     ) -> None:
         self.tracking_uri = tracking_uri.rstrip("/")
         self.cache_dir = Path(cache_dir)
         self.max_rank = max_rank
+        self.max_mix_components = max_mix_components
         self.experiment_name = experiment_name
         self.rest = MlflowRest(self.tracking_uri, rest_policy)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
@@ -163,6 +180,77 @@ class AdapterRegistry:
         if alias is not None:
             check_routing_alias(alias)
         facts, fingerprint = self.validate(folder, base_model_dir)
+        return self._publish_version(Path(folder), name, facts, fingerprint, alias, description, {}, progress)
+
+    def publish_mix(
+        self,
+        name: str,
+        components: list[MixComponent],
+        alias: str | None = None,
+        description: str | None = None,
+    ) -> AdapterVersion:
+        """Publish a version of `name` that serves the weighted sum of `components`. A component
+        without a version takes its champion, or its latest version when it has no champion; the
+        manifest pins the numbers. Raises AdapterRejected unless every component is a loraplex
+        adapter version (not a mix) for one base model, and the weights and count are allowed."""
+        check_adapter_name(name)
+        if alias is not None:
+            check_routing_alias(alias)
+        try:
+            check_components([MixComponent(c.name, c.version or "-", c.weight) for c in components], self.max_mix_components)
+            pinned = [(self._pin_component(c), c.weight) for c in components]
+            resolved = check_components(
+                [MixComponent(v.name, v.version, weight) for v, weight in pinned], self.max_mix_components
+            )
+        except MixError as error:
+            raise AdapterRejected(str(error)) from None
+        fingerprints = {v.base_fingerprint for v, _ in pinned}
+        if len(fingerprints) != 1:
+            bases = ", ".join(f"{adapter_ref(v.name, v.version)}: {str(v.base_fingerprint)[:12]}…" for v, _ in pinned)
+            raise AdapterRejected(f"mix components were published for different base models ({bases})")
+        fingerprint = fingerprints.pop()
+        with tempfile.TemporaryDirectory(prefix="loraplex-mix-") as scratch:
+            folder = Path(scratch) / ARTIFACT_SUBDIR
+            write_manifest(folder, resolved, fingerprint, self.max_mix_components)
+            facts = AdapterFacts(
+                rank=sum(v.rank or 0 for v, _ in pinned),
+                target_modules=tuple(sorted({m for v, _ in pinned for m in v.target_modules})),
+                size_bytes=folder_size_bytes(folder),
+                folder_sha256=folder_sha256(folder),
+            )
+            return self._publish_version(
+                folder, name, facts, fingerprint, alias, description or f"mix of {describe(resolved)}",
+                {TAG_MIX: describe(resolved)}, False,
+            )
+
+    def _pin_component(self, component: MixComponent) -> AdapterVersion:
+        """The version a mix component names, checked to be an adapter loraplex serves."""
+        if component.version:
+            version = self.resolve(component.name, component.version)
+        else:
+            champion = self._alias_version(component.name, CHAMPION)
+            numbers = [v.version for v in self.versions(component.name)] if champion is None else [champion]
+            if not numbers:
+                raise AdapterNotFound(f"adapter {component.name!r} has no versions")
+            version = self.resolve(component.name, max(numbers, key=int))
+        label = adapter_ref(version.name, version.version)
+        if version.mix is not None:
+            raise AdapterRejected(f"{label} is itself a mix ({version.mix}); mixes do not nest")
+        if not version.folder_sha256 or not version.base_fingerprint:
+            raise AdapterRejected(f"{label} was not published through loraplex (no {TAG_FOLDER_SHA256} tag)")
+        return version
+
+    def _publish_version(
+        self,
+        folder: Path,
+        name: str,
+        facts: AdapterFacts,
+        fingerprint: str,
+        alias: str | None,
+        description: str | None,
+        extra_tags: dict[str, str],
+        progress: bool,
+    ) -> AdapterVersion:
         experiment_id = self._experiment_id()
         self._ensure_registered_model(name)
 
@@ -174,6 +262,7 @@ class AdapterRegistry:
             TAG_RANK: str(facts.rank),
             TAG_TARGET_MODULES: ",".join(facts.target_modules),
             TAG_SIZE_BYTES: str(facts.size_bytes),
+            **extra_tags,
         }
         try:
             model_version = self.client.create_model_version(
@@ -447,7 +536,10 @@ class AdapterRegistry:
                 )
             check_no_symlinks(downloaded)
             try:
-                check_adapter_files(downloaded)
+                if is_mix_folder(downloaded):
+                    read_manifest(downloaded, self.max_mix_components)
+                else:
+                    check_adapter_files(downloaded)
             except AdapterFormatError as error:
                 raise AdapterRejected(f"{label}: {error}") from None
             try:

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS, MixError, parse_component_argument
 from registry.errors import RegistryError
 from registry.routing import FALLBACK_POLICIES, ROUTING_ALIASES
 
@@ -45,6 +46,21 @@ def add_adapter_commands(subparsers: argparse._SubParsersAction) -> argparse.Arg
     publish.add_argument("--alias", choices=ROUTING_ALIASES, help="point this alias at the new version")
     publish.add_argument("--description")
     publish.set_defaults(handler=_reporting_errors(_publish))
+
+    mix = command(
+        "mix",
+        "publish a new version of NAME that serves a weighted sum of adapters "
+        "(each COMPONENT is ADAPTER=WEIGHT or ADAPTER@VERSION=WEIGHT; no version: its champion, else its latest)",
+    )
+    mix.add_argument("name", help="the mix's (registered model) name")
+    mix.add_argument("components", nargs="+", metavar="COMPONENT")
+    mix.add_argument("--alias", choices=ROUTING_ALIASES, help="point this alias at the new version")
+    mix.add_argument("--description")
+    mix.add_argument(
+        "--max-components", type=int,
+        help=f"most components a mix may have (default: $LORAPLEX_REGISTRY_MAX_MIX_COMPONENTS or {DEFAULT_MAX_COMPONENTS})",
+    )
+    mix.set_defaults(handler=_reporting_errors(_mix))
 
     command("list", "adapters with their champion, canary and shadow").set_defaults(handler=_reporting_errors(_list))
 
@@ -85,17 +101,27 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     return uri
 
 
+def _setting(given: int | None, variable: str, default: int) -> int:
+    if given is not None:
+        return given
+    raw = os.environ.get(variable, str(default))
+    if not raw.isdigit():
+        raise RegistryError(f"{variable}={raw!r} is not a positive integer")
+    return int(raw)
+
+
 def _registry(args: argparse.Namespace):
     from registry.adapter_registry import AdapterRegistry
 
     cache_dir = Path(os.environ.get("LORAPLEX_REGISTRY_CACHE_DIR", DEFAULT_CACHE_DIR)).expanduser()
-    max_rank = args.max_rank
-    if max_rank is None:
-        raw = os.environ.get("LORAPLEX_REGISTRY_MAX_RANK", "64")
-        if not raw.isdigit():
-            raise RegistryError(f"LORAPLEX_REGISTRY_MAX_RANK={raw!r} is not a positive integer")
-        max_rank = int(raw)
-    return AdapterRegistry(_tracking_uri(args), cache_dir=cache_dir, max_rank=max_rank)
+    return AdapterRegistry(
+        _tracking_uri(args),
+        cache_dir=cache_dir,
+        max_rank=_setting(args.max_rank, "LORAPLEX_REGISTRY_MAX_RANK", 64),
+        max_mix_components=_setting(
+            getattr(args, "max_components", None), "LORAPLEX_REGISTRY_MAX_MIX_COMPONENTS", DEFAULT_MAX_COMPONENTS
+        ),
+    )
 
 
 def _describe(version) -> str:
@@ -103,13 +129,24 @@ def _describe(version) -> str:
     rank = f"r={version.rank}" if version.rank is not None else "r=?"
     size = f"{version.size_bytes / 1024:.0f} KiB" if version.size_bytes is not None else "? KiB"
     sha = (version.folder_sha256 or "-")[:12]
-    return f"{version.name} v{version.version}  {rank}  {size}  folder sha256 {sha}{aliases}"
+    mix = f"  mix of {version.mix}" if version.mix else ""
+    return f"{version.name} v{version.version}  {rank}  {size}  folder sha256 {sha}{mix}{aliases}"
 
 
 def _publish(args: argparse.Namespace) -> int:
     version = _registry(args).publish(
         args.path, args.name, args.base_model, alias=args.alias, description=args.description, progress=True
     )
+    print(f"published {_describe(version)}")
+    return 0
+
+
+def _mix(args: argparse.Namespace) -> int:
+    try:
+        components = [parse_component_argument(text, default_version="") for text in args.components]
+    except MixError as error:
+        raise RegistryError(str(error)) from None
+    version = _registry(args).publish_mix(args.name, components, alias=args.alias, description=args.description)
     print(f"published {_describe(version)}")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
+from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS
 from shard.lora import AdapterError, AdapterKey, AdapterNotFoundError, AdapterRejectedError, LocalAdapterSource
 
 
@@ -20,11 +21,12 @@ class RegistryAdapterSource:
     content-addressed cache) and refuses versions published for another base model."""
 
     def __init__(
-        self, tracking_uri: str, cache_dir: Path, base_fingerprint: str | None, max_rank: int = 64, max_bytes: int = 0
+        self, tracking_uri: str, cache_dir: Path, base_fingerprint: str | None, max_rank: int = 64, max_bytes: int = 0,
+        max_mix_components: int = DEFAULT_MAX_COMPONENTS,
     ) -> None:
         from registry import AdapterRegistry
 
-        self._registry = AdapterRegistry(tracking_uri, Path(cache_dir), max_rank)
+        self._registry = AdapterRegistry(tracking_uri, Path(cache_dir), max_rank, max_mix_components=max_mix_components)
         self._base_fingerprint = base_fingerprint or None
         self.max_bytes = max_bytes
         # A restart with a smaller bound shrinks what earlier runs left; nothing serves yet.
@@ -72,5 +74,6 @@ def adapter_source_for(settings, base_fingerprint: str):
             base_fingerprint,
             settings.max_rank,
             settings.disk_cache_bytes,
+            settings.max_mix_components,
         )
     return None

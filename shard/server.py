@@ -87,6 +87,7 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
             host_bytes=settings.host_cache_bytes,
             pool_dtype=pool_dtype[settings.adapter_dtype],
             load_observer=metrics.observe_adapter_load if metrics is not None else None,
+            max_mix_components=settings.max_mix_components,
         )
     engine = Engine(
         model,
@@ -135,19 +136,31 @@ def _failure(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def _describe_span(adapter, shard_id: str) -> None:
     """What this Generate served, on its span (the gateway's trace continues here)."""
+    from shard.lora import AdapterMix
+
     span = trace.get_current_span()
     if span.is_recording():
-        span.set_attributes({
-            "loraplex.adapter": adapter.name if adapter is not None else "base",
-            "loraplex.version": adapter.version if adapter is not None else "",
-            "loraplex.shard": shard_id,
-        })
+        if isinstance(adapter, AdapterMix):
+            name, version = "mix", str(adapter)
+        else:
+            name, version = (adapter.name, adapter.version) if adapter is not None else ("base", "")
+        span.set_attributes({"loraplex.adapter": name, "loraplex.version": version, "loraplex.shard": shard_id})
 
 
 def _ref(key) -> shard_pb2.AdapterRef:
     if key is None:
         return shard_pb2.AdapterRef()
     return shard_pb2.AdapterRef(name=key.name, version=key.version)
+
+
+def _served(message: shard_pb2.GenerateChunk, selection) -> None:
+    """Record on the first chunk what serves the request: an adapter version, the base model, or a mix."""
+    from shard.lora import AdapterMix
+
+    if isinstance(selection, AdapterMix):
+        message.mix.extend(shard_pb2.MixComponent(adapter=_ref(key), weight=weight) for key, weight in selection.components)
+    else:
+        message.adapter.CopyFrom(_ref(selection))
 
 
 def _adapter_info(info) -> shard_pb2.AdapterInfo:
@@ -226,6 +239,30 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             raise InvalidRequestError(f"adapter {ref.name!r}: version must be a registry version number, not {version!r}")
         return AdapterKey(ref.name, version)
 
+    def _selection(self, request: shard_pb2.GenerateRequest):
+        """What a Generate asks for: an adapter version, an ad-hoc mix, or None (the base model)."""
+        from loraplex.adapter_mix import MixComponent, MixError, check_components
+        from shard.lora import AdapterMix
+
+        if not request.mix:
+            return self._key(request.adapter)
+        if request.adapter.name:
+            raise InvalidRequestError("give either an adapter or a mix, not both")
+        keys = []
+        for component in request.mix:
+            key = self._key(component.adapter)
+            if key is None:
+                raise InvalidRequestError("every mix component names an adapter; the base model is not one")
+            keys.append(key)
+        try:
+            check_components(
+                [MixComponent(key.name, key.version, c.weight) for key, c in zip(keys, request.mix)],
+                self.settings.max_mix_components,
+            )
+        except MixError as error:
+            raise InvalidRequestError(str(error)) from None
+        return AdapterMix(tuple((key, component.weight) for key, component in zip(keys, request.mix)))
+
     async def Generate(self, request: shard_pb2.GenerateRequest, context):
         received = time.monotonic()
         if self.core is None:
@@ -238,7 +275,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 request_id=request.request_id or uuid.uuid4().hex,
                 prompt=None if request.messages else request.prompt,
                 messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
-                adapter=self._key(request.adapter),
+                adapter=self._selection(request),
                 sampling=sampling_options(request.sampling),
             )
             _describe_span(generation.adapter, self.settings.shard_id)
@@ -250,7 +287,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             async for chunk in handle:
                 message = shard_pb2.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
                 if first:
-                    message.adapter.CopyFrom(_ref(generation.adapter))
+                    _served(message, generation.adapter)
                     self.metrics.observe_first_token(time.monotonic() - received)
                     first = False
                 if chunk.finish_reason is not None:

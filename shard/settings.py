@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS
 from loraplex.grpc_tls import check_pair
 from loraplex.layered_settings import LayeredSettings, SettingsError
 
@@ -50,6 +51,9 @@ class ShardSettings(LayeredSettings):
     # bytes of adapter folders; least recently used go after each download (0 = unbounded).
     disk_cache_bytes: int = 16 * 2**30
     max_rank: int = 64
+    # Most adapters one mix may combine (a registered mix's manifest, or a request's ad-hoc mix); a
+    # mix of K adapters costs about K adapters' LoRA work per row.
+    max_mix_components: int = DEFAULT_MAX_COMPONENTS
     # Dtype of the adapter slot pools: "auto" = the model's activation dtype (exact against PEFT);
     # "bf16" halves the bytes read per decode step (~0.4% relative error in the adapter's delta).
     adapter_dtype: str = "auto"
@@ -84,7 +88,7 @@ class ShardSettings(LayeredSettings):
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise SettingsError(f"device must be cpu or cuda[:N], got {self.device!r}")
         for name in ("max_batch_size", "max_context", "default_max_tokens", "prefill_chunk_tokens",
-                     "device_slots", "host_capacity", "max_rank"):
+                     "device_slots", "host_capacity", "max_rank", "max_mix_components"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.host_cache_bytes <= 0 or self.disk_cache_bytes < 0:

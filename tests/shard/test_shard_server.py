@@ -135,3 +135,43 @@ def test_stop_drains_running_requests_and_refuses_new_ones(tiny_model_dir, tiny_
         await asyncio.wait_for(task, 60)
 
     asyncio.run(main())
+
+
+def test_generate_with_an_ad_hoc_mix(tiny_model_dir, tiny_adapter_dirs):
+    """The mix field serves a weighted sum (the first chunk says which components), and a bad mix
+    is INVALID_ARGUMENT, or FAILED_PRECONDITION when a component cannot be served."""
+    settings = shard_test_settings(tiny_model_dir, tiny_adapter_dirs, max_mix_components=2)
+
+    def mixed(*components, adapter=""):
+        request = generate_request(adapter=adapter)
+        for name, weight in components:
+            request.mix.add(adapter=shard_pb2.AdapterRef(name=name, version="local"), weight=weight)
+        return request
+
+    async def tokens(stub, request):
+        chunks = [c async for c in stub.Generate(request)]
+        return chunks, [t for c in chunks for t in c.token_ids]
+
+    async def body(stub, channel):
+        chunks, mix_tokens = await tokens(stub, mixed(("alpha", 0.7), ("beta", -0.4)))
+        assert [(c.adapter.name, c.adapter.version, c.weight) for c in chunks[0].mix] == [
+            ("alpha", "local", 0.7), ("beta", "local", -0.4)
+        ]
+        assert not chunks[0].adapter.name and chunks[-1].finish_reason == shard_pb2.FINISH_REASON_LENGTH
+        _, alpha_tokens = await tokens(stub, generate_request(adapter="alpha"))
+        _, scaled_tokens = await tokens(stub, mixed(("alpha", 1.0)))
+        assert scaled_tokens == alpha_tokens  # a one-component mix at weight 1 is the adapter
+        assert mix_tokens != alpha_tokens
+
+        for bad in (
+            mixed(("alpha", 1.0), ("beta", 1.0), ("gamma", 1.0)),  # over max_mix_components
+            mixed(("alpha", float("nan"))),
+            mixed(("alpha", 0.0)),
+            mixed(("alpha", 0.5), ("alpha", 0.5)),
+            mixed(("", 1.0)),
+            mixed(("alpha", 1.0), adapter="beta"),
+        ):
+            assert await status_of(stub.Generate(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert await status_of(stub.Generate(mixed(("alpha", 0.5), ("missing", 0.5)))) == grpc.StatusCode.FAILED_PRECONDITION
+
+    asyncio.run(with_shard(settings, body))
