@@ -42,6 +42,7 @@ from registry.routing import (
 )
 from registry.upload import upload_folder
 from loraplex.adapter_format import AdapterFormatError, adapter_ref, check_adapter_files, folder_sha256, read_config
+from loraplex.serving_status import REFUSED_PREFIX, TAG_STATUS
 from loraplex.adapter_mix import (
     DEFAULT_MAX_COMPONENTS,
     MixComponent,
@@ -87,6 +88,7 @@ class AdapterVersion:
     run_id: str | None
     aliases: tuple[str, ...]
     mix: str | None = None  # a mix version's components (`legal@3×0.7 + clinical@3×0.3`); None for an adapter
+    serving_status: str | None = None  # its `loraplex.status` tag (loraplex.serving_status), when written
 
 
 def check_adapter_name(name: str) -> None:
@@ -121,6 +123,7 @@ def _version_from_rest(model_version: dict, aliases: tuple[str, ...] | None = No
         run_id=model_version.get("run_id") or None,
         aliases=tuple(aliases if aliases is not None else model_version.get("aliases") or ()),
         mix=tags.get(TAG_MIX) or None,
+        serving_status=tags.get(TAG_STATUS) or None,
     )
 
 
@@ -238,6 +241,8 @@ class AdapterRegistry:
             raise AdapterRejected(f"{label} is itself a mix ({version.mix}); mixes do not nest")
         if not version.folder_sha256 or not version.base_fingerprint:
             raise AdapterRejected(f"{label} was not published through loraplex (no {TAG_FOLDER_SHA256} tag)")
+        if (version.serving_status or "").startswith(REFUSED_PREFIX):
+            raise AdapterRejected(f"{label} is refused by the shards ({version.serving_status}); a mix of it would be too")
         return version
 
     def _publish_version(

@@ -8,6 +8,7 @@ import pytest
 
 from loraplex.adapter_mix import MANIFEST_FILE, MixComponent, read_manifest
 from registry import AdapterNotFound, AdapterRejected, base_model_fingerprint
+from loraplex.serving_status import TAG_STATUS
 from registry.adapter_registry import TAG_MIX
 from tests.registry.test_registry_cli import run_cli
 from tests.registry.test_registry_publish_fetch import version_count
@@ -60,7 +61,7 @@ def test_bad_mixes_are_refused_and_nothing_is_published(adapter_registry, two_ad
     assert version_count(mlflow_server.url, adapter_name) == 0
 
 
-def test_mixes_do_not_nest_and_components_must_exist(adapter_registry, two_adapters, adapter_name, mlflow_server):
+def test_mixes_do_not_nest_and_components_must_exist_and_not_be_refused(adapter_registry, two_adapters, adapter_name, mlflow_server):
     a, b = two_adapters
     adapter_registry.publish_mix(adapter_name, [MixComponent(a, "", 1.0)])
     with pytest.raises(AdapterRejected, match="do not nest"):
@@ -69,6 +70,9 @@ def test_mixes_do_not_nest_and_components_must_exist(adapter_registry, two_adapt
         adapter_registry.publish_mix(f"{adapter_name}-outer", [MixComponent(f"{a}-missing", "", 1.0)])
     with pytest.raises(AdapterNotFound):
         adapter_registry.publish_mix(f"{adapter_name}-outer", [MixComponent(a, "9", 1.0)])
+    adapter_registry.client.set_model_version_tag(b, "1", TAG_STATUS, "refused: rank 16 exceeds max rank 8")
+    with pytest.raises(AdapterRejected, match="refused by the shards"):
+        adapter_registry.publish_mix(f"{adapter_name}-outer", [MixComponent(b, "1", 1.0)])
     assert version_count(mlflow_server.url, f"{adapter_name}-outer") == 0
 
 
