@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = GatewaySettings.from_mapping({**settings.__dict__, **bound})
         workers = settings.worker_count()
         if workers == 1:
-            app = create_apps(settings).by_port()
+            app = create_apps(settings).served()
         else:
             # Workers build their apps themselves; what would fail them all is caught here.
             if not settings.tenants_file:
@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     config = uvicorn.Config(
-        app, factory=workers > 1, workers=workers, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5
+        app,
+        factory=workers > 1,
+        workers=workers,
+        log_level=args.log_level,
+        access_log=False,
+        # In-flight requests (streams included) get this long once the port closes (gateway/draining.py).
+        timeout_graceful_shutdown=settings.drain_grace(),
     )
     if workers > 1:
         GatewayWorkers(config, sockets, on_ready=lambda: announce_ready(settings, workers)).run()

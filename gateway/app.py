@@ -19,6 +19,7 @@ from litestar.plugins import InitPluginProtocol
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from litestar.types import ASGIApp, ControllerRouterHandler, Receive, Scope, Send
 
+from gateway.draining import SigtermDrain
 from gateway.parts import GatewayParts, build_parts
 from gateway.routes import admin, health, openai_api
 from gateway.routes.authentication import AdminAuthentication, TenantAuthentication
@@ -116,6 +117,12 @@ class GatewayApps:
     def by_port(self) -> ByPort:
         """Both apps as one ASGI app, told apart by the port a request came in on."""
         return ByPort(self.api, self.admin, self.parts.settings.admin_port)
+
+    def served(self) -> ByPort:
+        """`by_port` as `python -m gateway` serves it (one process or each worker): a SIGTERM drains
+        this process before uvicorn's graceful shutdown (gateway/draining.py)."""
+        self.api.on_startup.append(SigtermDrain(self.parts.drain, self.parts.settings.drain_delay_s).install)
+        return self.by_port()
 
 
 def create_apps(settings: GatewaySettings, **parts_overrides) -> GatewayApps:

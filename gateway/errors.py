@@ -77,6 +77,18 @@ def no_shard_available(message: str = "No healthy shard can take this request no
     return OpenAIError(503, message, "server_error", "no_healthy_shard", headers={"retry-after": _seconds(retry_after_s)})
 
 
+def shutting_down() -> OpenAIError:
+    """A new request while this gateway process drains (gateway/draining.py): another replica, or
+    this one's successor, takes the retry; the connection closes so the retry goes elsewhere."""
+    return OpenAIError(
+        503,
+        "This gateway is shutting down; retry the request.",
+        "server_error",
+        "shutting_down",
+        headers={"retry-after": "1", "connection": "close"},
+    )
+
+
 class ShardError(Exception):
     """A generation no shard could serve."""
 

@@ -22,6 +22,7 @@ from gateway.audit import AuditTrail
 
 from gateway.completions import CompletionService, PromptMeasure
 from gateway.dispatch import Dispatcher
+from gateway.draining import Drain
 from gateway.metrics import GatewayMetrics
 from gateway.placement import PlacementRing
 from gateway.routing import VersionRouter
@@ -75,6 +76,7 @@ class GatewayParts:
     owns_tracing: bool = False
     # Writes what this cluster learns about versions onto them in MLflow (one writer per cluster).
     serving_status: ServingStatusTask | None = None
+    drain: Drain = field(default_factory=Drain)  # set on SIGTERM (gateway/draining.py)
     _background: list[asyncio.Task] = field(default_factory=list)
 
     async def start(self) -> None:

@@ -16,6 +16,9 @@ from loraplex.layered_settings import LayeredSettings, SettingsError
 
 __all__ = ["GatewaySettings", "SettingsError"]
 
+# Room on top of the request timeout for a request's last bytes and for stopping the parts.
+DRAIN_MARGIN_S = 5.0
+
 @dataclass(frozen=True)
 class GatewaySettings(LayeredSettings):
     ENV_PREFIX: ClassVar[str] = "LORAPLEX_GATEWAY_"
@@ -59,6 +62,12 @@ class GatewaySettings(LayeredSettings):
     # max_tokens_limit (the shard also caps by its context).
     default_chat_max_tokens: int = 0
     request_timeout_s: float = 120.0
+    # Shutdown (gateway/draining.py). On SIGTERM readiness turns off and new requests get 503 +
+    # Retry-After for `drain_delay_s` while the port stays open (load balancers notice); then the
+    # port closes and in-flight requests, streams included, have `drain_grace_s` to finish.
+    # 0 = request_timeout_s + 5 s; a smaller value would cut answers still within their timeout.
+    drain_delay_s: float = 2.0
+    drain_grace_s: float = 0.0
     # Placement.
     ring_virtual_nodes: int = 128
     ring_load_epsilon: float = 0.25
@@ -128,6 +137,13 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError("ring_load_epsilon must be positive")
         if self.health_interval_s <= 0 or self.request_timeout_s <= 0:
             raise SettingsError("intervals and timeouts must be positive")
+        if self.drain_delay_s < 0 or self.drain_grace_s < 0:
+            raise SettingsError("drain_delay_s and drain_grace_s must be >= 0")
+        if self.drain_grace_s and self.drain_grace_s < self.request_timeout_s:
+            raise SettingsError(
+                f"drain_grace_s ({self.drain_grace_s:g}) is shorter than request_timeout_s ({self.request_timeout_s:g}): "
+                "a rollout would cut answers still within their timeout; raise it or leave it 0 (= request_timeout_s + 5)"
+            )
         if self.redis_failure_policy not in ("open", "closed"):
             raise SettingsError(f"redis_failure_policy must be 'open' or 'closed', got {self.redis_failure_policy!r}")
         if self.redis_timeout_s <= 0 or self.redis_retry_s <= 0 or self.limits_lease_s <= 0:
@@ -146,6 +162,15 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError(
                 "workers > 1 needs redis_url: without a shared store each worker would enforce tenant limits on its own"
             )
+
+    def drain_grace(self) -> float:
+        """Seconds in-flight requests get to finish after the port closes on shutdown."""
+        return self.drain_grace_s or self.request_timeout_s + DRAIN_MARGIN_S
+
+    def shutdown_budget(self) -> float:
+        """The longest a SIGTERM'd gateway takes to exit: what a pod's terminationGracePeriodSeconds
+        (after its preStop delay) and compose's stop_grace_period must cover."""
+        return self.drain_delay_s + self.drain_grace() + DRAIN_MARGIN_S
 
     def worker_count(self) -> int:
         """`workers`, or when 0: one per core this process may run on with a shared store, else 1."""

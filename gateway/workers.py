@@ -26,7 +26,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def worker_app(settings: GatewaySettings, log_level: str) -> ByPort:
     """The apps of one worker process, on both ports (uvicorn calls it in the worker: `factory=True`)."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
-    return create_apps(settings).by_port()
+    return create_apps(settings).served()
 
 
 class GatewayWorkers(Multiprocess):

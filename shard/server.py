@@ -430,11 +430,11 @@ async def serve(
             on_ready(port)
         await stop.wait()
 
-        log.info("shard %s draining (up to %.0f s)", settings.shard_id, settings.drain_timeout_s)
+        log.info("shard %s draining (up to %.0f s)", settings.shard_id, settings.drain_timeout())
         servicer.core.engine.close()  # before health flips, so NOT_SERVING implies refusing
         metrics.not_serving()
         await health.enter_graceful_shutdown()
-        drained = await asyncio.to_thread(servicer.core.engine.drain, settings.drain_timeout_s)
+        drained = await asyncio.to_thread(servicer.core.engine.drain, settings.drain_timeout())
         if not drained:
             log.warning("drain timed out; cancelling the requests still running")
     finally:

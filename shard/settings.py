@@ -63,7 +63,12 @@ class ShardSettings(LayeredSettings):
     registry_tracking_uri: str = ""
     adapter_cache_dir: str = ""
     adapter_dirs: Mapping[str, str] = field(default_factory=dict)
-    drain_timeout_s: float = 30.0
+    # On SIGTERM queued requests are refused (the gateway sends them elsewhere) and running ones
+    # finish, for up to drain_timeout_s. The longest a running answer can take is max_context
+    # tokens at one decode step each: 0 = max_context x drain_step_s, where drain_step_s is this
+    # hardware's slowest decode step at a full batch (loraplex_shard_step_seconds{phase="decode"} in the metrics).
+    drain_timeout_s: float = 0.0
+    drain_step_s: float = 0.05
     log_level: str = "INFO"
     # TLS on the gRPC port (PEM files): a certificate and key serve TLS; a client CA on top requires
     # every client (the gateway, probes) to present a certificate it signed (mutual TLS).
@@ -97,11 +102,28 @@ class ShardSettings(LayeredSettings):
             raise SettingsError("prefix_cache_mb must be >= 0 and prefix_block_tokens >= 1")
         if self.max_queue < 0 or self.torch_threads < 0 or self.drain_timeout_s < 0:
             raise SettingsError("max_queue, torch_threads and drain_timeout_s must be >= 0")
+        if self.drain_step_s <= 0:
+            raise SettingsError("drain_step_s must be positive")
+        if self.drain_timeout_s and self.drain_timeout_s < self.longest_answer_s():
+            raise SettingsError(
+                f"drain_timeout_s ({self.drain_timeout_s:g}) is shorter than the longest answer, max_context x drain_step_s "
+                f"({self.max_context} x {self.drain_step_s:g} = {self.longest_answer_s():g} s): a restart would cut answers; "
+                "raise it, leave it 0 (derived), or lower max_context"
+            )
         if self.registry_tracking_uri and not self.adapter_cache_dir:
             raise SettingsError("adapter_cache_dir is required with registry_tracking_uri")
         check_pair(self.tls_cert_file, self.tls_key_file, "tls_cert_file / tls_key_file")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise SettingsError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+
+    def longest_answer_s(self) -> float:
+        """A running answer's worst case: its whole context generated, one decode step a token."""
+        return self.max_context * self.drain_step_s
+
+    def drain_timeout(self) -> float:
+        """Seconds running answers get to finish after SIGTERM; a pod's terminationGracePeriodSeconds
+        and compose's stop_grace_period must cover it (plus the model-free rest of a stop)."""
+        return self.drain_timeout_s or self.longest_answer_s()
 
     @property
     def address(self) -> str:

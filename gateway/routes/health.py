@@ -33,6 +33,7 @@ class Readiness(Struct):
     healthy_shards: list[str]
     shards: dict[str, ShardHealth]
     tenants_file_error: str | None
+    draining: bool  # shutting down (SIGTERM): in-flight requests finish, new ones go elsewhere
 
 
 ALIVE = Health("ok")
@@ -55,7 +56,7 @@ def readiness(parts: GatewayParts) -> Readiness:
     last = source.last_success_unix
     has_table = table is not None and source.has_table
     return Readiness(
-        ready=has_table and bool(healthy),
+        ready=has_table and bool(healthy) and not parts.drain.draining,
         routing_table=has_table,
         routing_table_error=table_error,
         routing_table_stale=source.is_stale,
@@ -64,12 +65,13 @@ def readiness(parts: GatewayParts) -> Readiness:
         healthy_shards=healthy,
         shards={s.shard_id: ShardHealth(s.healthy, s.last_error) for s in parts.pool.all()},
         tenants_file_error=parts.tenants.last_error,
+        draining=parts.drain.draining,
     )
 
 
 @get(
     "/readyz",
-    summary="Ready: a routing table and at least one healthy shard",
+    summary="Ready: a routing table, at least one healthy shard, not shutting down",
     responses={503: ResponseSpec(Readiness, description="Not ready; the body says why (see Retry-After)"), **error_responses(405)},
     operation_class=DocumentedOperation,
     opt={EXCLUDE_FROM_AUTH: True},

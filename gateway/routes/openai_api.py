@@ -21,6 +21,7 @@ from gateway.openai_schema import (
     ModelCard,
     ModelList,
 )
+from gateway.errors import shutting_down
 from gateway.parts import GatewayParts, Parts
 from gateway.routes.operation_docs import SESSION_HEADER, STREAM_DOC, DocumentedOperation, StreamingOperation
 from gateway.routes.responses import AUTH_ERRORS, GENERATION_ERRORS, with_served_by
@@ -48,6 +49,8 @@ class EncodedJSON(ASGIResponse):
 
 
 async def _answer(request: TenantRequest, parts: GatewayParts, body: CompletionRequest | ChatCompletionRequest) -> ASGIResponse:
+    if parts.drain.draining:
+        raise shutting_down()
     service, tenant = parts.service, request.user
     headers = request.headers
     prepared = service.prepare(body, tenant, headers["x-request-id"], headers.get(SESSION_HEADER))

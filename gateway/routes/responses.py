@@ -28,7 +28,7 @@ _DESCRIPTIONS = {
     429: "Over the tenant's concurrency or tokens-per-minute limit (see Retry-After)",
     500: "Internal error",
     502: "A shard answered with an error the gateway could not recover from",
-    503: "No healthy shard can take the request, or the adapter version is refused by the shards (see Retry-After)",
+    503: "No healthy shard can take the request, the adapter version is refused by the shards, or this gateway is shutting down (see Retry-After)",
     504: "The shard did not answer within the request timeout",
 }
 

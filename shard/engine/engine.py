@@ -200,8 +200,14 @@ class Engine:
             self._thread = None
 
     def drain(self, timeout: float) -> bool:
-        """Close, then wait up to ``timeout`` s for running and queued requests to finish."""
-        self.close()
+        """Close; refuse the queued requests, then wait up to ``timeout`` s for the running ones to
+        finish. A queued request has produced nothing yet, so its caller can still send it to
+        another shard (the gateway does: `EngineClosedError` answers UNAVAILABLE); a running one may
+        have streamed text already and can only complete here."""
+        with self._lock:
+            self._closed = True
+            for sequence in list(self.scheduler.waiting):
+                self._fail(sequence, EngineClosedError("the shard is shutting down; the request had not started"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:

@@ -89,6 +89,28 @@ def test_compose_services_load_into_the_real_settings(compose):
     assert gateway_job["static_configs"][0]["targets"] == [f"gateway:{gateway.admin_port}"]
 
 
+# Time a stop needs beyond the drain itself: the shard's server stop and engine join, the gateway's parts.
+STOP_MARGIN_S = 10.0
+
+
+def go_duration_s(text: str) -> float:
+    """A Go duration as compose writes it ("2m30s", "150s", "1m0.5s") in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_compose_stop_grace_covers_each_services_drain(compose):
+    services = compose["services"]
+    for shard_name in SHARDS:
+        shard = ShardSettings.load(environ=env_of(services[shard_name]))
+        assert go_duration_s(services[shard_name]["stop_grace_period"]) >= shard.drain_timeout() + STOP_MARGIN_S
+    gateway = GatewaySettings.load(environ=env_of(services["gateway"]))
+    assert gateway.drain_grace() >= gateway.request_timeout_s
+    assert go_duration_s(services["gateway"]["stop_grace_period"]) >= gateway.shutdown_budget()
+
+
 def test_compose_dependencies_wait_for_what_each_service_needs(compose):
     services = compose["services"]
     for name, service in services.items():

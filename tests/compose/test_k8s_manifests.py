@@ -209,6 +209,23 @@ def test_shards_and_gateways_load_into_the_real_settings(k8s_docs):
     assert cache_claim["spec"]["resources"]["requests"]["storage"] == "20Gi" and 0 < shard.disk_cache_bytes <= 18 * gib
 
 
+def test_termination_grace_covers_the_pre_stop_delay_and_each_drain(k8s_docs):
+    shard_set = find(k8s_docs, "StatefulSet", "loraplex-shard")
+    shard_container = next(c for c in pod_spec(shard_set)["containers"] if c["name"] == "shard")
+    shard = ShardSettings.load(environ=env_of(shard_container, k8s_docs, "loraplex-shard-0"))
+    assert pod_spec(shard_set)["terminationGracePeriodSeconds"] >= shard.drain_timeout() + 10
+
+    gateway_deployment = find(k8s_docs, "Deployment", "loraplex-gateway")
+    (container,) = pod_spec(gateway_deployment)["containers"]
+    gateway = GatewaySettings.load(environ=env_of(container, k8s_docs, "loraplex-gateway-abc"))
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2
+    pre_stop_s = float(command[1])
+    # The pod leaves the Service's endpoints while preStop sleeps; then SIGTERM starts the drain.
+    assert pre_stop_s >= 1 and gateway.drain_grace() >= gateway.request_timeout_s
+    assert pod_spec(gateway_deployment)["terminationGracePeriodSeconds"] >= pre_stop_s + gateway.shutdown_budget()
+
+
 def test_images_are_the_builds_each_workload_needs(k8s_docs):
     images = {(d["metadata"]["name"], c["name"]): c["image"] for d in k8s_docs if d["kind"] in WORKLOAD_KINDS for c in containers(d)}
     assert images[("loraplex-shard", "shard")] == "registry.example.com/loraplex:0.1.0-cu128"

@@ -208,11 +208,32 @@ def test_closed_engine_refuses_new_requests_and_drains_running_ones(tiny_llama):
     try:
         engine.eos_ids = set()
         running = engine.submit(GenerationRequest("r", prompt_ids=[5, 6, 7], sampling=SamplingOptions(max_tokens=20)))
+        first = next(iter(running))  # admitted: a request still queued at drain would be refused
         assert engine.drain(timeout=60)
         with pytest.raises(EngineClosedError):
             engine.submit(GenerationRequest("late", prompt_ids=[5]))
-        chunks = list(running)
+        chunks = [first, *running]
         assert chunks[-1].finish_reason is FinishReason.LENGTH and chunks[-1].usage.completion_tokens == 20
+    finally:
+        engine.stop(timeout=10)
+
+
+def test_drain_refuses_queued_requests_that_have_not_started_and_finishes_running_ones(tiny_llama):
+    model, tokenizer = tiny_llama
+    engine = Engine(model, tokenizer, max_batch_size=1, max_queue=4, max_context=64)
+    engine.eos_ids = set()
+    running = engine.submit(GenerationRequest("running", prompt_ids=[5, 6, 7], sampling=SamplingOptions(max_tokens=12)))
+    queued = engine.submit(GenerationRequest("queued", prompt_ids=[8, 9], sampling=SamplingOptions(max_tokens=12)))
+    engine.run_once()  # the one row goes to the first request; the second waits
+    assert engine.stats().running == 1 and engine.stats().queued == 1
+    engine.start()
+    try:
+        assert engine.drain(timeout=60)
+        with pytest.raises(EngineClosedError, match="had not started"):
+            list(queued)
+        chunks = list(running)
+        assert chunks[-1].finish_reason is FinishReason.LENGTH and chunks[-1].usage.completion_tokens == 12
+        assert engine.stats().running == 0 and engine.stats().queued == 0
     finally:
         engine.stop(timeout=10)
 

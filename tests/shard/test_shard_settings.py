@@ -38,3 +38,13 @@ def test_bad_settings_are_refused_clearly(values, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(SettingsError, match="not found"):
         ShardSettings.load(tmp_path / "nope.yaml", environ={})
+
+
+def test_drain_is_sized_from_the_longest_answer_and_a_shorter_one_is_refused():
+    derived = ShardSettings.from_mapping({"model_dir": "/m", "max_context": 4096, "drain_step_s": 0.03})
+    assert derived.drain_timeout() == pytest.approx(4096 * 0.03)
+    assert ShardSettings.from_mapping({"model_dir": "/m", "max_context": 512, "drain_timeout_s": 60}).drain_timeout() == 60
+    with pytest.raises(SettingsError, match=r"shorter than the longest answer.*4096 x 0.05 = 204.8 s"):
+        ShardSettings.from_mapping({"model_dir": "/m", "max_context": 4096, "drain_timeout_s": 30})
+    with pytest.raises(SettingsError, match="drain_step_s"):
+        ShardSettings.from_mapping({"model_dir": "/m", "drain_step_s": 0})

@@ -18,7 +18,7 @@ def shard_test_settings(model_dir: Path, adapter_dirs: dict[str, Path], **overri
     values = dict(
         port=free_port(), shard_id="test-shard", model_dir=str(model_dir), quantization="fp32",
         max_batch_size=2, max_queue=4, max_context=64, default_max_tokens=8, device_slots=2,
-        max_rank=16, host_capacity=3, torch_threads=1, drain_timeout_s=5,
+        max_rank=16, host_capacity=3, torch_threads=1, drain_step_s=0.02,
         adapter_dirs={name: str(path) for name, path in adapter_dirs.items()},
     )
     values.update(overrides)
