@@ -99,6 +99,7 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
         prefix_block_tokens=settings.prefix_block_tokens,
+        decode_attention=settings.decode_attention,
         lora=lora,
         metrics=metrics,
     ).start()

@@ -58,6 +58,9 @@ class ShardSettings(LayeredSettings):
     # "bf16" halves the bytes read per decode step (~0.4% relative error in the adapter's delta).
     adapter_dtype: str = "auto"
     torch_threads: int = 0  # 0 = torch's default
+    # Decode steps on CPU attend through a compiled kernel over the KV cache (built once, ~1 min);
+    # false: the model's own SDPA.
+    decode_attention: bool = True
     # Adapters come from the MLflow registry (tracking URI + local download cache) or, with
     # adapter_dirs set, from local folders (name -> folder, version "local").
     registry_tracking_uri: str = ""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from shard.engine.attention import use_decode_attention
 from shard.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shard.engine.errors import (
     EngineClosedError,
@@ -110,12 +111,16 @@ class Engine:
         metrics=None,
         prefix_cache_bytes: int = 0,
         prefix_block_tokens: int = 16,
+        decode_attention: bool = True,
     ) -> None:
+        """``decode_attention``: decode steps on CPU attend through the compiled kernel
+        (shard.engine.attention) where it builds; False keeps the model's own attention."""
         attention = str(getattr(model.config, "_attn_implementation", "") or "")
         if attention.startswith("flash") or "paged" in attention:
             # These kernels ignore a 4D mask; rows of different lengths would attend to garbage.
             raise ValueError(f"attention implementation {attention!r} is not supported; use sdpa or eager")
         self.model = model
+        self.decode_attention = decode_attention and use_decode_attention(model)
         self.tokenizer = tokenizer
         self.max_context = self._context_limit(model, max_context)
         self.default_max_tokens = default_max_tokens

@@ -14,94 +14,12 @@
 #include <optional>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+
+#include "cpu_vector_ops.h"
 
 namespace {
 
-// Which vector path a build takes follows the CPU it is compiled on (-march=native):
-// AVX-512F: 16 lanes; AVX2 + FMA (no AVX-512): 8 lanes; anything else: the scalar loops.
-#if defined(__AVX512F__)
-// 16 pool elements widened to fp32 in registers (bf16 -> fp32 is a 16-bit shift).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
-}
-inline float reduce8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-#endif
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// sum_k row[k] * x[k]
-template <typename pool_t>
-inline float dot(const pool_t* row, const float* x, int64_t n) {
-  int64_t k = 0;
-  float acc = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  for (; k + 32 <= n; k += 32) {
-    acc0 = _mm512_fmadd_ps(load16(row + k), _mm512_loadu_ps(x + k), acc0);
-    acc1 = _mm512_fmadd_ps(load16(row + k + 16), _mm512_loadu_ps(x + k + 16), acc1);
-  }
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#elif defined(__AVX2__) && defined(__FMA__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; k + 16 <= n; k += 16) {
-    acc0 = _mm256_fmadd_ps(load8(row + k), _mm256_loadu_ps(x + k), acc0);
-    acc1 = _mm256_fmadd_ps(load8(row + k + 8), _mm256_loadu_ps(x + k + 8), acc1);
-  }
-  acc = reduce8(_mm256_add_ps(acc0, acc1));
-#endif
-  for (; k < n; ++k) acc += to_float(row[k]) * x[k];
-  return acc;
-}
-
-// y[k] += h * row[k]
-template <typename pool_t>
-inline void axpy(float* y, float h, const pool_t* row, int64_t n) {
-  int64_t k = 0;
-#if defined(__AVX512F__)
-  const __m512 hv = _mm512_set1_ps(h);
-  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(y + k, _mm512_fmadd_ps(hv, load16(row + k), _mm512_loadu_ps(y + k)));
-#elif defined(__AVX2__) && defined(__FMA__)
-  const __m256 hv = _mm256_set1_ps(h);
-  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(y + k, _mm256_fmadd_ps(hv, load8(row + k), _mm256_loadu_ps(y + k)));
-#endif
-  for (; k < n; ++k) y[k] += h * to_float(row[k]);
-}
-
-// Activations are fp32 or bf16 (uint16_t bits); the delta is always computed in fp32 and a bf16
-// output is rounded once (to nearest even), after the whole delta is added.
-inline void widen(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void widen(float* dst, const uint16_t* src, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) dst[k] = to_float(src[k]);
-}
-inline uint16_t to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN stays NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using namespace loraplex_cpu;
 
 // Entries [first[s], first[s + 1]) share one row. Rows must not decrease, so each row is one segment.
 std::vector<int64_t> row_segments(const int64_t* rows, int64_t entries) {
