@@ -56,13 +56,19 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    generator = torch.Generator().manual_seed(0)
+def bench_llama():
+    """The random ~100M-parameter Llama the decode micro-benchmarks run (hidden 768, 12 layers)."""
     config = random_llama_config(
         hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=12, vocab_size=8192
     )
-    base_model = random_llama(config, seed=0)
+    return random_llama(config, seed=0)
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    base_model = bench_llama()
+    config = base_model.config
     params = sum(p.numel() for p in base_model.parameters())
     step_ids = torch.randint(3, config.vocab_size, (args.batch, 1), generator=generator)
     results = {

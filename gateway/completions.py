@@ -36,12 +36,14 @@ from gateway.shadow import ShadowMode
 from gateway.tenant_limits import Lease, TenantLimiter
 from gateway.tenants import Tenant
 from gateway.version_fallback import LastGoodVersions
+from loraplex.adapter_mix import describe
 from loraplex.routing_table import FALLBACK_BASE
 
 log = logging.getLogger(__name__)
 # Versions tried one after another when the shards refuse the routed one and then its fallback
 # (an earlier champion can be broken too); each refusal is one quick round trip.
 MAX_VERSION_FALLBACKS = 3
+MIX_NAME = "mix"  # x-loraplex-adapter and the metrics' adapter label of an ad-hoc mix
 
 Served = TypeVar("Served", GenerationResult, ShardStream)
 
@@ -124,7 +126,10 @@ class CompletionService:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stop) > 4 or any(not s for s in stop):
             raise bad_request("'stop' takes up to 4 non-empty strings.", "stop")
-        routed = self.router.resolve(body.model, tenant, body.user or session)
+        if body.loraplex_mix is not None:
+            routed = self.router.resolve_mix(body.model, body.loraplex_mix, tenant)
+        else:
+            routed = self.router.resolve(body.model, tenant, body.user or session)
         choice = self.last_good.substitute(routed)
         if choice is not routed:
             self.metrics.version_fallbacks.labels(self.metrics.adapter_label(choice.adapter)).inc()
@@ -150,6 +155,7 @@ class CompletionService:
             top_k=body.top_k or 0,
             seed=body.seed,
             stop=stop,
+            mix=choice.mix,
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return PreparedRequest(
@@ -175,13 +181,19 @@ class CompletionService:
     def served_by(self, choice: VersionChoice, shard_id: str | None = None, adapter: str | None = None, version: str | None = None) -> dict[str, str]:
         """The headers that say what served an answer (or, without a shard, what was chosen for it)."""
         headers = {
-            "x-loraplex-adapter": (choice.adapter if adapter is None else adapter) or self.settings.base_model_id,
+            "x-loraplex-adapter": (choice.adapter if adapter is None else adapter) or self._served_name(choice),
             "x-loraplex-version": choice.version if version is None else version,
             "x-loraplex-route": choice.assignment,
         }
+        if choice.mix:
+            headers["x-loraplex-mix"] = describe(choice.mix)
         if shard_id is not None:
             headers["x-loraplex-shard"] = shard_id
         return headers
+
+    def _served_name(self, choice: VersionChoice) -> str:
+        """The adapter an answer is counted under: its name, `mix` for an ad-hoc mix, or the base model."""
+        return choice.adapter or (MIX_NAME if choice.mix else self.settings.base_model_id)
 
     # answering -------------------------------------------------------------------------------
     async def complete(
@@ -257,7 +269,7 @@ class CompletionService:
         return CompletionResponse(ident, "text_completion", created, model, [CompletionChoice(result.text, 0, result.finish_reason)], usage)
 
     def _observe(self, prepared: PreparedRequest, result: GenerationResult, tenant: Tenant) -> None:
-        adapter = self.metrics.adapter_label(prepared.choice.adapter or self.settings.base_model_id)
+        adapter = self.metrics.adapter_label(self._served_name(prepared.choice))
         self.metrics.token_count("prompt", adapter).inc(result.prompt_tokens)
         self.metrics.token_count("completion", adapter).inc(result.completion_tokens)
         self.metrics.tenant_token_count(tenant.name, "prompt").inc(result.prompt_tokens)
@@ -298,7 +310,10 @@ class CompletionService:
         return replace(prepared, choice=base, job=replace(prepared.job, adapter="", version=""))
 
     def _fall_back(self, prepared: PreparedRequest, refused: VersionRefused) -> PreparedRequest:
-        """The request re-aimed at the adapter's last good version, or `refused` raised again."""
+        """The request re-aimed at the adapter's last good version, or `refused` raised again. An ad-hoc
+        mix has no version of its own to fall back to (nor to be recorded as refused)."""
+        if prepared.choice.mix:
+            raise refused
         fallback = self.last_good.after_refusal(prepared.choice, refused.details)
         if fallback is None:
             raise refused

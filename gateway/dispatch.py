@@ -22,6 +22,7 @@ from gateway import errors
 from gateway.errors import NoShardAvailable, ShardCallFailed
 from gateway.shards import ShardPool
 from loraplex.adapter_format import adapter_ref
+from loraplex.adapter_mix import MixComponent
 from protos import shard_pb2
 
 FINISH_REASONS = {
@@ -43,9 +44,13 @@ class GenerationJob:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    mix: tuple[MixComponent, ...] = ()  # an ad-hoc mix (adapter and version then ""), versions pinned
 
     @property
     def placement_key(self) -> str:
+        """A mix goes where its first component is placed: the shard most likely to hold it warm."""
+        if self.mix:
+            return adapter_ref(self.mix[0].name, self.mix[0].version)
         return adapter_ref(self.adapter, self.version) if self.adapter else ""
 
     def to_proto(self) -> shard_pb2.GenerateRequest:
@@ -58,6 +63,10 @@ class GenerationJob:
             request_id=self.request_id,
             adapter=shard_pb2.AdapterRef(name=self.adapter, version=self.version),
             sampling=sampling,
+        )
+        req.mix.extend(
+            shard_pb2.MixComponent(adapter=shard_pb2.AdapterRef(name=c.name, version=c.version), weight=c.weight)
+            for c in self.mix
         )
         if self.messages:
             req.messages.extend(shard_pb2.ChatMessage(role=r, content=c) for r, c in self.messages)

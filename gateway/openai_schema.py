@@ -26,6 +26,13 @@ class StreamOptions(Struct, kw_only=True):
     include_usage: bool = False
 
 
+class MixComponentIn(Struct, kw_only=True):
+    """One adapter of an ad-hoc mix: `legal` (its champion) or `legal@3`, and its weight."""
+
+    adapter: str
+    weight: float
+
+
 class _SamplingFields(Struct, kw_only=True):
     model: str | None = None
     max_tokens: PositiveInt | None = None
@@ -41,6 +48,9 @@ class _SamplingFields(Struct, kw_only=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: Any = None
+    # loraplex extension: answer with a weighted sum of adapters instead of `model` (which is then
+    # only echoed back); each must be granted to the key. The official client sends it in `extra_body`.
+    loraplex_mix: list[MixComponentIn] | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):

@@ -143,7 +143,7 @@ def build_parts(
     if record is not None:
         source.on_change = _also_recorded(source.on_change, record)
     pool = shard_pool if shard_pool is not None else build_shard_pool(settings, metrics, tracing)
-    router = VersionRouter(source, settings.base_model_id)
+    router = VersionRouter(source, settings.base_model_id, max_mix_components=settings.max_mix_components)
     dispatcher = Dispatcher(
         pool, settings.request_timeout_s, on_attempt_failed=lambda s, code: metrics.shard_failures.labels(s, code.name).inc()
     )

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.errors import bad_request, model_forbidden, model_not_found
+from gateway.openai_schema import MixComponentIn
 from gateway.routing_source import RoutingSource
 from gateway.tenants import Tenant
 from loraplex.adapter_format import adapter_ref
+from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS, MixComponent, MixError, check_components
 from loraplex.routing_table import FALLBACK_NONE, AdapterRoute
 
 # "fallback": the base model answered because the adapter's routed version could not
-# (the completion service decides it, from the route's `fallback` policy).
-Assignment = Literal["champion", "canary", "pinned", "base", "fallback"]
+# (the completion service decides it, from the route's `fallback` policy). "mix": an ad-hoc mix.
+Assignment = Literal["champion", "canary", "pinned", "base", "fallback", "mix"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class VersionChoice:
     assignment: Assignment
     shadow_version: str | None = None
     fallback: str = FALLBACK_NONE  # the route's fallback policy; pinned and base requests have none
+    mix: tuple[MixComponent, ...] = ()  # an ad-hoc mix's pinned components (adapter and version then "")
 
 
 def split_model_id(model: str) -> tuple[str, str | None]:
@@ -46,9 +49,16 @@ def canary_bucket(adapter: str, sticky_key: str) -> float:
 
 
 class VersionRouter:
-    def __init__(self, source: RoutingSource, base_model_id: str = "base", rng: random.Random | None = None):
+    def __init__(
+        self,
+        source: RoutingSource,
+        base_model_id: str = "base",
+        rng: random.Random | None = None,
+        max_mix_components: int = DEFAULT_MAX_COMPONENTS,
+    ):
         self.source = source
         self.base_model_id = base_model_id
+        self.max_mix_components = max_mix_components
         self._rng = rng or random.Random()
 
     def usable_models(self, tenant: Tenant) -> list[str]:
@@ -72,6 +82,36 @@ class VersionRouter:
             if pinned_version is not None or not tenant.may_use(name):
                 raise model_forbidden(model)
             return VersionChoice(model, "", "", "base")
+        route = self._granted_route(model, name, tenant)
+        if pinned_version is not None:
+            return VersionChoice(model, name, pinned_version, "pinned")
+        return self._split(model, route, sticky_key)
+
+    def resolve_mix(self, model: str | None, components: list[MixComponentIn], tenant: Tenant) -> VersionChoice:
+        """An ad-hoc mix with every component pinned: `legal` takes its champion (no canary split),
+        `legal@3` that version. A component the tenant may not use answers exactly as that model
+        would (403, nothing revealed); a bad list answers 400 saying why."""
+        pinned = []
+        for component in components:
+            name, version = split_model_id(component.adapter)
+            if name == self.base_model_id:
+                raise bad_request(
+                    f"'{component.adapter}' is the base model, not an adapter; every mix already adds to it.",
+                    "loraplex_mix", "invalid_mix",
+                )
+            route = self._granted_route(component.adapter, name, tenant)
+            if version is None:
+                if not route.champion:
+                    raise model_not_found(component.adapter, "no version holds the 'champion' alias")
+                version = route.champion
+            pinned.append(MixComponent(name, version, component.weight))
+        try:
+            check_components(pinned, self.max_mix_components)
+        except MixError as error:
+            raise bad_request(f"Bad 'loraplex_mix': {error}.", "loraplex_mix", "invalid_mix") from None
+        return VersionChoice(model or "mix", "", "", "mix", mix=tuple(pinned))
+
+    def _granted_route(self, model: str, name: str, tenant: Tenant) -> AdapterRoute:
         route = self.source.current().route(name)
         if not tenant.may_use(name, route):
             raise model_forbidden(model)
@@ -79,9 +119,7 @@ class VersionRouter:
             if name not in tenant.adapters:  # granted only through "*": unknown stays indistinguishable
                 raise model_forbidden(model)
             raise model_not_found(model, "the registry has no adapter of that name")
-        if pinned_version is not None:
-            return VersionChoice(model, name, pinned_version, "pinned")
-        return self._split(model, route, sticky_key)
+        return route
 
     def _split(self, model: str, route: AdapterRoute, sticky_key: str | None) -> VersionChoice:
         if route.canary and route.canary_percent > 0:

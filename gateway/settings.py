@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from loraplex.grpc_tls import check_pair
 from loraplex.layered_settings import LayeredSettings, SettingsError
+from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS
 
 __all__ = ["GatewaySettings", "SettingsError"]
 
@@ -57,6 +58,8 @@ class GatewaySettings(LayeredSettings):
     max_prompt_tokens: int = 0  # 0 = not checked here (needs `tokenizer_dir`); the shard caps by context
     tokenizer_dir: str = ""
     max_tokens_limit: int = 1024
+    # Most adapters a request's ad-hoc mix (`loraplex_mix`) may combine; keep it <= the shards' own.
+    max_mix_components: int = DEFAULT_MAX_COMPONENTS
     default_max_tokens: int = 16  # completions without max_tokens, as OpenAI's legacy default
     # Chat without max_tokens answers until it stops, as OpenAI's chat does: 0 = up to
     # max_tokens_limit (the shard also caps by its context).
@@ -124,7 +127,7 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError(f"admin_port must differ from port ({self.port})")
         if not 0.0 <= self.shadow_sample_share <= 1.0:
             raise SettingsError("shadow_sample_share must be within [0, 1]")
-        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "default_max_tokens", "shadow_aggregate_every",
+        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens_limit", "max_mix_components", "default_max_tokens", "shadow_aggregate_every",
                      "shadow_log_max_bytes", "admin_rate_per_minute", "metrics_adapter_labels"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")

@@ -42,12 +42,13 @@ class MixComponent:
     weight: float
 
     def __str__(self) -> str:
-        return f"{adapter_ref(self.name, self.version)}×{self.weight:g}"
+        return f"{adapter_ref(self.name, self.version)}={self.weight:g}"
 
 
 def describe(components: Iterable[MixComponent]) -> str:
-    """`legal@3×0.7 + clinical@3×0.3`: how a mix is shown (version tag, headers, logs)."""
-    return " + ".join(str(c) for c in components)
+    """`legal@3=0.7 clinical@3=0.3`: how a mix is shown (version tag, response header, logs), in
+    the command line's own syntax (ASCII, so it fits an HTTP header)."""
+    return " ".join(str(c) for c in components)
 
 
 def check_components(components: Sequence[MixComponent], max_components: int) -> tuple[MixComponent, ...]:

@@ -87,7 +87,7 @@ class AdapterVersion:
     source: str
     run_id: str | None
     aliases: tuple[str, ...]
-    mix: str | None = None  # a mix version's components (`legal@3×0.7 + clinical@3×0.3`); None for an adapter
+    mix: str | None = None  # a mix version's components (`legal@3=0.7 clinical@3=0.3`); None for an adapter
     serving_status: str | None = None  # its `loraplex.status` tag (loraplex.serving_status), when written
 
 

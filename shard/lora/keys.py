@@ -22,4 +22,4 @@ class AdapterMix(NamedTuple):
     components: tuple[tuple[AdapterKey, float], ...]
 
     def __str__(self) -> str:
-        return " + ".join(f"{key}×{weight:g}" for key, weight in self.components)
+        return " ".join(f"{key}={weight:g}" for key, weight in self.components)

@@ -26,7 +26,7 @@ def test_a_manifest_round_trips(tmp_path):
     assert is_mix_folder(tmp_path / "mix") and not is_mix_folder(tmp_path)
     manifest = read_manifest(tmp_path / "mix", max_components=4)
     assert manifest.components == (LEGAL, CLINICAL) and manifest.base_fingerprint == "f" * 64
-    assert describe(manifest.components) == "legal@2×0.7 + clinical@3×-0.3"
+    assert describe(manifest.components) == "legal@2=0.7 clinical@3=-0.3"
 
 
 @pytest.mark.parametrize(

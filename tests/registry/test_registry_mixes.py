@@ -30,7 +30,7 @@ def test_a_mix_pins_its_components_and_is_tagged(adapter_registry, two_adapters,
         adapter_name, [MixComponent(a, "", 0.7), MixComponent(b, "", -0.3)], alias="champion"
     )
     # No version given: a's champion (v1, not its latest v2), b's latest (it has no champion).
-    assert mix.mix == f"{a}@1×0.7 + {b}@1×-0.3"
+    assert mix.mix == f"{a}@1=0.7 {b}@1=-0.3"
     assert (mix.version, mix.aliases, mix.rank) == ("1", ("champion",), 4 + 16)
     assert mix.base_fingerprint == base_model_fingerprint(tiny_base)
     folder = adapter_registry.fetch(adapter_name, "1", expected_base_fingerprint=mix.base_fingerprint)
@@ -40,7 +40,7 @@ def test_a_mix_pins_its_components_and_is_tagged(adapter_registry, two_adapters,
     # A mix is an adapter version like any other: it routes, and it can be pinned explicitly.
     assert adapter_registry.routing_table().adapters[adapter_name].champion == "1"
     second = adapter_registry.publish_mix(adapter_name, [MixComponent(a, "2", 1.0), MixComponent(b, "1", 0.5)])
-    assert second.version == "2" and second.mix == f"{a}@2×1 + {b}@1×0.5"
+    assert second.version == "2" and second.mix == f"{a}@2=1 {b}@1=0.5"
     tags = adapter_registry.client.get_model_version(adapter_name, "2").tags
     assert tags[TAG_MIX] == second.mix
 
@@ -94,9 +94,9 @@ def test_cli_mix(mlflow_server, two_adapters, adapter_name, tmp_path):
     published = cli("mix", adapter_name, f"{a}=0.7", f"{b}@1=0.3", "--alias", "champion")
     assert published.returncode == 0, published.stderr
     assert published.stdout.strip().startswith(f"published {adapter_name} v1")
-    assert f"mix of {a}@1×0.7 + {b}@1×0.3" in published.stdout and published.stdout.strip().endswith("[champion]")
+    assert f"mix of {a}@1=0.7 {b}@1=0.3" in published.stdout and published.stdout.strip().endswith("[champion]")
     versions = cli("versions", adapter_name)
-    assert f"mix of {a}@1×0.7 + {b}@1×0.3" in versions.stdout
+    assert f"mix of {a}@1=0.7 {b}@1=0.3" in versions.stdout
     for argv, reason in (((f"{a}=heavy",), "not a number"), ((f"{a}",), "NAME=WEIGHT"),
                          ((f"{a}=1", f"{b}=1", f"{a}@2=1", f"{b}@1=2", f"{a}@1=3"), "at most 4")):
         refused = cli("mix", adapter_name, *argv)
