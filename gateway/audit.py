@@ -1,7 +1,7 @@
 """The audit trail: who changed what and when, one JSON line per event on the `loraplex.audit` logger.
 
 Events: every admin action (`admin.adapters.load`, `admin.adapters.unload`, `admin.adapters.pin`,
-`admin.routing.reload`), every routing change the gateway's routing source reports
+`admin.adapters.merge`, `admin.adapters.unmerge`, `admin.routing.reload`), every routing change the gateway's routing source reports
 (`routing.table_loaded`, `routing.alias_moved`, `routing.canary_percent_changed`,
 `routing.adapter_removed`), and every version the shards refuse (`routing.version_refused`).
 `who` names the admin key by its id (the first 12 hex digits of its SHA-256, as the tenants file

@@ -306,4 +306,5 @@ def build_shard_pool(settings: GatewaySettings, metrics: GatewayMetrics, tracing
             else None
         ),
         tls_server_name=settings.shard_tls_server_name,
+        stats_interval_s=settings.shard_stats_interval_s,
     )

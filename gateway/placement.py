@@ -7,6 +7,9 @@ next shard in ring order. Adding or removing a shard moves only the keys on its 
 
 An adapter with many requests in flight (`hot_inflight` per replica) is spread over its first
 r shards in ring order (the least loaded of them serves), i.e. replicated where it would spill to anyway.
+
+Shards that hold a key's adapter merged into their base weights (their rows for it do no LoRA work)
+come first in that key's order, ahead of its ring owner; the load bound still applies to them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 
 ORDER_CACHE_SIZE = 4096
@@ -107,10 +110,11 @@ class PlacementRing:
             return 0
         return max(1, math.ceil((1.0 + self.epsilon) * total_load / len(self._shards)))
 
-    def choose(self, key: str, loads: Mapping[str, int], key_inflight: int = 0) -> list[str]:
+    def choose(self, key: str, loads: Mapping[str, int], key_inflight: int = 0, merged_on: Collection[str] = ()) -> list[str]:
         """Shards to try for a request, best first (the rest is failover order).
 
-        `loads` = requests in flight per shard; `key_inflight` = those for this key.
+        `loads` = requests in flight per shard; `key_inflight` = those for this key; `merged_on` =
+        shards that hold this key merged, preferred over its ring owner.
         An empty key (the base model) goes to the least loaded shard.
         """
         if not self._shards:
@@ -118,6 +122,8 @@ class PlacementRing:
         if not key:
             return sorted(self._shards, key=lambda s: (loads.get(s, 0), s))
         order = self.ring_order(key)
+        if merged_on:
+            order = [s for s in order if s in merged_on] + [s for s in order if s not in merged_on]
         cap = self.capacity(sum(loads.get(s, 0) for s in self._shards) + 1)
         under = [s for s in order if loads.get(s, 0) + 1 <= cap]
         if not under:  # cannot happen for loads counted by this ring; stay defined anyway

@@ -43,6 +43,8 @@ class GatewaySettings(LayeredSettings):
     shard_tls_server_name: str = ""
     health_interval_s: float = 0.5
     health_timeout_s: float = 0.4
+    # How often each healthy shard's Stats is read (which adapter it holds merged, for placement).
+    shard_stats_interval_s: float = 2.0
     tenants_file: str = ""
     tenants_reload_interval_s: float = 1.0
     # Registry: with a tracking URI the routing table follows MLflow; without one it comes
@@ -138,7 +140,7 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError("default_chat_max_tokens must be >= 0")
         if self.ring_load_epsilon <= 0:
             raise SettingsError("ring_load_epsilon must be positive")
-        if self.health_interval_s <= 0 or self.request_timeout_s <= 0:
+        if self.health_interval_s <= 0 or self.request_timeout_s <= 0 or self.shard_stats_interval_s <= 0:
             raise SettingsError("intervals and timeouts must be positive")
         if self.drain_delay_s < 0 or self.drain_grace_s < 0:
             raise SettingsError("drain_delay_s and drain_grace_s must be >= 0")

@@ -4,6 +4,10 @@ Health is active (grpc.health.v1 `Check` every `health_interval_s`) and passive 
 with a connection-level error marks the shard down at once). A shard leaves the placement ring when
 it goes down and rejoins when a health check answers SERVING.
 
+Each healthy shard's `Stats` is read again every `stats_interval_s` to learn which adapter it holds
+merged into its base weights (placement prefers that shard for that adapter); an admin merge or
+unmerge through this gateway records its answer at once.
+
 The ring, the metrics and the admin API name a shard by the id it reports in `Stats` (its
 `shard_id` setting: the StatefulSet pod name on Kubernetes), not by its address: a shard that
 restarts on a new IP gets its own adapters, and the warm cache volume that holds them, back.
@@ -25,6 +29,7 @@ import msgspec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.placement import PlacementRing
+from loraplex.adapter_format import adapter_ref
 from protos import shard_pb2, shard_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,8 @@ class ShardState:
     served: int = 0
     failures: int = 0
     key_in_flight: Counter = field(default_factory=Counter)
+    merged_adapter: str = ""  # adapter@version merged into its base weights, "" = none (from Stats)
+    stats_read_monotonic: float = 0.0
 
     def describe(self) -> ShardView:
         return ShardView(
@@ -95,6 +102,7 @@ class ShardState:
             self.last_change_unix,
             self.last_check_unix,
             dict(self.key_in_flight),
+            self.merged_adapter,
         )
 
 
@@ -111,6 +119,7 @@ class ShardView(msgspec.Struct):
     last_change_unix: float
     last_check_unix: float
     adapters_in_flight: dict[str, int]
+    merged_adapter: str  # adapter@version merged into its base weights; "" = none
 
 
 class ShardPool:
@@ -124,11 +133,13 @@ class ShardPool:
         channel_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         channel_credentials: grpc.ChannelCredentials | None = None,
         tls_server_name: str = "",
+        stats_interval_s: float = 2.0,
     ):
         self.discovery = discovery
         self.ring = ring
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
+        self.stats_interval_s = stats_interval_s
         self._on_health_change = on_health_change
         self._channel_interceptors = list(channel_interceptors)
         self._channel_credentials = channel_credentials  # None: plaintext
@@ -205,6 +216,21 @@ class ShardPool:
             self._set_health(state, False, f"health status {reply.status}")
         elif not state.healthy:
             await self._join(state)
+        elif time.monotonic() - state.stats_read_monotonic >= self.stats_interval_s:
+            await self._read_stats(state)
+
+    async def _read_stats(self, state: ShardState) -> None:
+        try:
+            stats = await state.stub.Stats(shard_pb2.StatsRequest(), timeout=self.health_timeout_s)
+        except grpc.aio.AioRpcError:
+            return  # the health check decides whether it is down
+        self._record_stats(state, stats)
+
+    @staticmethod
+    def _record_stats(state: ShardState, stats: shard_pb2.StatsResponse) -> None:
+        state.stats_read_monotonic = time.monotonic()
+        merged = stats.merged_adapter
+        state.merged_adapter = adapter_ref(merged.name, merged.version) if merged.name else ""
 
     async def _join(self, state: ShardState) -> None:
         """A shard answered SERVING: learn who it is, then put it in the ring under that id."""
@@ -223,6 +249,7 @@ class ShardPool:
             del self._by_id[state.shard_id]  # another shard now listens on this address
         state.shard_id = shard_id
         self._by_id[shard_id] = state
+        self._record_stats(state, stats)
         self._set_health(state, True, "")
 
     def _set_health(self, state: ShardState, healthy: bool, reason: str) -> None:
@@ -267,8 +294,18 @@ class ShardPool:
     def key_in_flight(self, key: str) -> int:
         return sum(st.key_in_flight[key] for st in self._by_address.values())
 
+    def record_merged(self, shard_id: str, key: str) -> None:
+        """An admin merge (key) or unmerge ("") answered: placement follows it now, not at the next Stats."""
+        state = self._by_id.get(shard_id)
+        if state is not None:
+            state.merged_adapter = key
+
+    def merged_on(self, key: str) -> list[str]:
+        """Healthy shards holding `key` (adapter@version) merged into their base weights."""
+        return sorted(s for s, st in self._by_id.items() if st.healthy and key and st.merged_adapter == key)
+
     def candidates(self, key: str) -> list[str]:
-        return self.ring.choose(key, self.loads(), self.key_in_flight(key))
+        return self.ring.choose(key, self.loads(), self.key_in_flight(key), self.merged_on(key))
 
     @staticmethod
     def begin(state: ShardState, key: str) -> None:

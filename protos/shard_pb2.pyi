@@ -107,7 +107,7 @@ class LoadAdapterRequest(_message.Message):
     def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., pin: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter", "tier", "rank", "target_modules", "pinned", "active_requests", "size_bytes", "load_ms", "sha256", "last_used_unix_ms")
+    __slots__ = ("adapter", "tier", "rank", "target_modules", "pinned", "active_requests", "size_bytes", "load_ms", "sha256", "last_used_unix_ms", "merged")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class AdapterInfo(_message.Message):
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FIELD_NUMBER: _ClassVar[int]
     adapter: AdapterRef
     tier: str
     rank: int
@@ -128,7 +129,8 @@ class AdapterInfo(_message.Message):
     load_ms: float
     sha256: str
     last_used_unix_ms: int
-    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., tier: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., pinned: _Optional[bool] = ..., active_requests: _Optional[int] = ..., size_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ..., sha256: _Optional[str] = ..., last_used_unix_ms: _Optional[int] = ...) -> None: ...
+    merged: bool
+    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., tier: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., pinned: _Optional[bool] = ..., active_requests: _Optional[int] = ..., size_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ..., sha256: _Optional[str] = ..., last_used_unix_ms: _Optional[int] = ..., merged: _Optional[bool] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("adapter",)
@@ -191,7 +193,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "base_model", "base_fingerprint", "quantization", "device", "running", "queued", "queue_capacity", "max_batch_size", "requests_completed", "tokens_generated", "decode_tokens_per_s", "tiers", "max_context")
+    __slots__ = ("shard_id", "base_model", "base_fingerprint", "quantization", "device", "running", "queued", "queue_capacity", "max_batch_size", "requests_completed", "tokens_generated", "decode_tokens_per_s", "tiers", "max_context", "merged_adapter")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +208,7 @@ class StatsResponse(_message.Message):
     DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    MERGED_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     base_model: str
     base_fingerprint: str
@@ -220,4 +223,29 @@ class StatsResponse(_message.Message):
     decode_tokens_per_s: float
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     max_context: int
-    def __init__(self, shard_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., requests_completed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., max_context: _Optional[int] = ...) -> None: ...
+    merged_adapter: AdapterRef
+    def __init__(self, shard_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., requests_completed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., max_context: _Optional[int] = ..., merged_adapter: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...
+
+class MergeAdapterRequest(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterRef
+    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...
+
+class MergeAdapterResponse(_message.Message):
+    __slots__ = ("merged", "replaced")
+    MERGED_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    merged: AdapterRef
+    replaced: AdapterRef
+    def __init__(self, merged: _Optional[_Union[AdapterRef, _Mapping]] = ..., replaced: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...
+
+class UnmergeAdapterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnmergeAdapterResponse(_message.Message):
+    __slots__ = ("unmerged",)
+    UNMERGED_FIELD_NUMBER: _ClassVar[int]
+    unmerged: AdapterRef
+    def __init__(self, unmerged: _Optional[_Union[AdapterRef, _Mapping]] = ...) -> None: ...

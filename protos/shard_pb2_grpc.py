@@ -59,6 +59,16 @@ class ShardStub:
                 request_serializer=protos_dot_shard__pb2.StatsRequest.SerializeToString,
                 response_deserializer=protos_dot_shard__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.MergeAdapter = channel.unary_unary(
+                '/loraplex.shard.v1.Shard/MergeAdapter',
+                request_serializer=protos_dot_shard__pb2.MergeAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_shard__pb2.MergeAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnmergeAdapter = channel.unary_unary(
+                '/loraplex.shard.v1.Shard/UnmergeAdapter',
+                request_serializer=protos_dot_shard__pb2.UnmergeAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_shard__pb2.UnmergeAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -96,6 +106,22 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeAdapter(self, request, context):
+        """Merge one adapter version into the base weights (fp32/bf16 bases; FAILED_PRECONDITION on a
+        quantized base), replacing any adapter merged before; its rows then do no LoRA work and every
+        other row's answer is unchanged. Done between engine steps: no request is dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnmergeAdapter(self, request, context):
+        """Restore the base weights exactly (no-op when nothing is merged).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +149,16 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=protos_dot_shard__pb2.StatsRequest.FromString,
                     response_serializer=protos_dot_shard__pb2.StatsResponse.SerializeToString,
+            ),
+            'MergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapter,
+                    request_deserializer=protos_dot_shard__pb2.MergeAdapterRequest.FromString,
+                    response_serializer=protos_dot_shard__pb2.MergeAdapterResponse.SerializeToString,
+            ),
+            'UnmergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnmergeAdapter,
+                    request_deserializer=protos_dot_shard__pb2.UnmergeAdapterRequest.FromString,
+                    response_serializer=protos_dot_shard__pb2.UnmergeAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +296,60 @@ class Shard:
             '/loraplex.shard.v1.Shard/Stats',
             protos_dot_shard__pb2.StatsRequest.SerializeToString,
             protos_dot_shard__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.shard.v1.Shard/MergeAdapter',
+            protos_dot_shard__pb2.MergeAdapterRequest.SerializeToString,
+            protos_dot_shard__pb2.MergeAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnmergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.shard.v1.Shard/UnmergeAdapter',
+            protos_dot_shard__pb2.UnmergeAdapterRequest.SerializeToString,
+            protos_dot_shard__pb2.UnmergeAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,10 +10,12 @@ Two kinds of metric live here:
   ``Engine.stats()`` and
   ``TieredAdapterCache.tier_stats()``, so the engine keeps no second set of counters.
 
-Labels are bounded by construction: no metric has a per-request or per-adapter label. ``tier`` is
-one of device/host/disk, ``phase`` prefill/decode, ``reason`` one of ``REFUSAL_REASONS``; which
-adapter is hot is the gateway's per-adapter view (and ``ListAdapters`` for one shard). A shard
-serving 10,000 adapters exports the same few dozen series as one serving three.
+Labels are bounded by construction: no metric has a per-request label, and the only per-adapter
+one is ``loraplex_shard_merged_adapter``, which has at most one series (a shard merges at most one
+adapter). ``tier`` is one of device/host/disk, ``phase`` prefill/decode, ``reason`` one of
+``REFUSAL_REASONS``, ``action`` merge/unmerge and ``trigger`` admin/auto; which adapter is hot is
+the gateway's per-adapter view (and ``ListAdapters`` for one shard). A shard serving 10,000
+adapters exports the same few dozen series as one serving three.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 PHASES = ("prefill", "decode")
+MERGE_ACTIONS = ("merge", "unmerge")
+MERGE_TRIGGERS = ("admin", "auto")
 TIERS = ("device", "host", "disk")
 # Why a Generate call was refused before or while it ran; one label value each.
 REFUSAL_REASONS = (
@@ -78,7 +82,15 @@ class ShardMetrics:
         self.refusals = Counter(
             "loraplex_shard_refusals", "Generate calls refused or failed, by reason", ["reason"], registry=r
         )
+        self.merge_changes = Counter(
+            "loraplex_shard_adapter_merge_changes",
+            "Adapters merged into or unmerged from the base weights, by action and what asked for it",
+            ["action", "trigger"], registry=r,
+        )
         # Every label value exists from the start, so dashboards and alerts see zeros, not gaps.
+        for action in MERGE_ACTIONS:
+            for trigger in MERGE_TRIGGERS:
+                self.merge_changes.labels(action, trigger)
         for phase in PHASES:
             self.step_seconds.labels(phase)
             self.step_rows.labels(phase)
@@ -101,6 +113,9 @@ class ShardMetrics:
 
     def observe_adapter_load(self, tier: str, milliseconds: float) -> None:
         self.adapter_load.labels(tier).observe(milliseconds / 1000)
+
+    def observe_merge_change(self, action: str, trigger: str) -> None:
+        self.merge_changes.labels(action, trigger).inc()
 
     def observe_refusal(self, reason: str) -> None:
         self.refusals.labels(reason if reason in REFUSAL_REASONS else "internal").inc()
@@ -171,6 +186,12 @@ def _engine_families(stats) -> Iterator:
         "loraplex_shard_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", value=stats.prefix_cache_queried_tokens
     )
     yield _gauge("loraplex_shard_kv_cache_capacity_tokens", "Token positions the KV cache can hold (rows x context)", stats.kv_capacity_tokens)
+    merged = GaugeMetricFamily(
+        "loraplex_shard_merged_adapter", "1 for the adapter version merged into the base weights (no series: none)", labels=["adapter"]
+    )
+    if stats.merged_adapter is not None:
+        merged.add_metric([str(stats.merged_adapter)], 1)
+    yield merged
 
 
 def _tier_families(tiers) -> Iterator:

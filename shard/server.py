@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shard")
 
+# An admin merge loads the adapter (registry, disk) before the engine merges it between two steps.
+_MERGE_TIMEOUT_S = 120.0
+_MERGE_ATTEMPTS = 3
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
 _FINISH = {
     FinishReason.STOP: shard_pb2.FINISH_REASON_STOP,
@@ -92,6 +95,7 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
     engine = Engine(
         model,
         tokenizer,
+        hot_merge_policy=_hot_merge_policy(settings, lora),
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_context=settings.max_context,
@@ -107,6 +111,26 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
     return ShardCore(settings, engine, lora, Path(name).name or model_dir.name, fingerprint)
 
 
+def _hot_merge_policy(settings: ShardSettings, lora: LoraManager | None):
+    """The automatic merge policy, or None where it is off or cannot act (no adapters, or a
+    quantized base whose weights cannot hold a merge)."""
+    if not settings.hot_merge or lora is None:
+        return None
+    refusal = lora.merge_refusal()
+    if refusal is not None:
+        log.info("hot adapter merging is off on this shard: %s", refusal)
+        return None
+    from shard.lora.hot_policy import HotAdapterPolicy
+
+    return HotAdapterPolicy(
+        share=settings.hot_merge_share,
+        unmerge_share=settings.hot_unmerge_share,
+        window_s=settings.hot_merge_window_s,
+        cooldown_s=settings.hot_merge_cooldown_s,
+        min_tokens=settings.hot_merge_min_tokens,
+    )
+
+
 def _adapter_status(error: BaseException) -> grpc.StatusCode:
     return _failure(error)[0]
 
@@ -115,6 +139,7 @@ def _failure(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status an error answers with, and its refusal reason (shard.metrics.REFUSAL_REASONS)."""
     from shard.adapter_sources import RegistryUnavailableError
     from shard.lora import AdapterInUseError, AdapterLoadTimeout, AdapterNotFoundError, AdapterRejectedError
+    from shard.lora.errors import MergeRefusedError
 
     if isinstance(error, RegistryUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, "registry_unavailable"
@@ -124,6 +149,8 @@ def _failure(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, "adapter_rejected"
     if isinstance(error, AdapterInUseError):
         return grpc.StatusCode.FAILED_PRECONDITION, "adapter_in_use"
+    if isinstance(error, MergeRefusedError):
+        return grpc.StatusCode.FAILED_PRECONDITION, "merge_refused"
     if isinstance(error, AdapterLoadTimeout):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "adapter_load_timeout"
     if isinstance(error, InvalidRequestError):
@@ -164,8 +191,9 @@ def _served(message: shard_pb2.GenerateChunk, selection) -> None:
         message.adapter.CopyFrom(_ref(selection))
 
 
-def _adapter_info(info) -> shard_pb2.AdapterInfo:
+def _adapter_info(info, merged=None) -> shard_pb2.AdapterInfo:
     return shard_pb2.AdapterInfo(
+        merged=info.adapter == merged,
         adapter=_ref(info.adapter),
         tier=info.tier,
         rank=info.rank,
@@ -336,7 +364,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if core.lora is None:
             return shard_pb2.ListAdaptersResponse()
         return shard_pb2.ListAdaptersResponse(
-            adapters=[_adapter_info(i) for i in core.lora.adapters()],
+            adapters=[_adapter_info(i, core.lora.merged) for i in core.lora.adapters()],
             tiers=[_tier_stats(t) for t in core.lora.tier_stats()],
         )
 
@@ -359,7 +387,39 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             decode_tokens_per_s=stats.decode_tokens_per_s,
             tiers=[_tier_stats(t) for t in tiers],
             max_context=stats.max_context,
+            merged_adapter=_ref(stats.merged_adapter) if stats.merged_adapter is not None else None,
         )
+
+    async def MergeAdapter(self, request: shard_pb2.MergeAdapterRequest, context):
+        core = await self._core(context)
+        lora = await self._lora(context)
+        try:
+            key = self._key(request.adapter)
+            if key is None:
+                raise InvalidRequestError("an adapter name is required")
+            replaced = await self._merge(core.engine, lora, key)
+        except Exception as exc:
+            await context.abort(_adapter_status(exc), str(exc))
+        return shard_pb2.MergeAdapterResponse(merged=_ref(key), replaced=_ref(replaced) if replaced else None)
+
+    async def _merge(self, engine: Engine, lora: LoraManager, key):
+        """Bring `key` onto a device slot, then have the engine merge it between two steps. The
+        slot may be taken by another load in between (every slot busy): then load again."""
+        from shard.lora.errors import MergeRefusedError
+
+        for attempt in range(_MERGE_ATTEMPTS):
+            await asyncio.to_thread(lora.load, key, False, _MERGE_TIMEOUT_S)
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(engine.request_merge(key)), _MERGE_TIMEOUT_S)
+            except MergeRefusedError:
+                if lora.merge_refusal() is not None or attempt == _MERGE_ATTEMPTS - 1:
+                    raise
+
+    async def UnmergeAdapter(self, request, context):
+        core = await self._core(context)
+        await self._lora(context)
+        unmerged = await asyncio.wait_for(asyncio.wrap_future(core.engine.request_unmerge()), _MERGE_TIMEOUT_S)
+        return shard_pb2.UnmergeAdapterResponse(unmerged=_ref(unmerged) if unmerged else None)
 
 
 async def serve(

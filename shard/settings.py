@@ -78,8 +78,17 @@ class ShardSettings(LayeredSettings):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
-
-
+    # Merged hot adapter (fp32/bf16 bases; inert on nf4/int8): when one adapter version produces at
+    # least hot_merge_share of the shard's tokens over hot_merge_window_s (and at least
+    # hot_merge_min_tokens of them), it is merged into the base weights, so its rows do no LoRA
+    # work; it is unmerged when its share falls below hot_unmerge_share. No change within
+    # hot_merge_cooldown_s of the last one. An admin merge (MergeAdapter) stays until an admin unmerge.
+    hot_merge: bool = True
+    hot_merge_share: float = 0.7
+    hot_unmerge_share: float = 0.4
+    hot_merge_window_s: float = 60.0
+    hot_merge_cooldown_s: float = 120.0
+    hot_merge_min_tokens: int = 1024
 
     def validate(self) -> None:
         for name in ("port", "metrics_port"):
@@ -115,6 +124,10 @@ class ShardSettings(LayeredSettings):
             )
         if self.registry_tracking_uri and not self.adapter_cache_dir:
             raise SettingsError("adapter_cache_dir is required with registry_tracking_uri")
+        if not 0 < self.hot_merge_share <= 1 or not 0 <= self.hot_unmerge_share < self.hot_merge_share:
+            raise SettingsError("need 0 < hot_merge_share <= 1 and 0 <= hot_unmerge_share < hot_merge_share")
+        if self.hot_merge_window_s <= 0 or self.hot_merge_cooldown_s < 0 or self.hot_merge_min_tokens < 1:
+            raise SettingsError("hot_merge_window_s must be positive, hot_merge_cooldown_s >= 0, hot_merge_min_tokens >= 1")
         check_pair(self.tls_cert_file, self.tls_key_file, "tls_cert_file / tls_key_file")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise SettingsError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")

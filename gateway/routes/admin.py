@@ -1,5 +1,6 @@
 """The admin port: Prometheus metrics, and the admin API (admin key): shards and the ring, adapters on
-shards, routing reload, shadow comparisons."""
+shards (load, unload, pin, merge into the base weights and unmerge), routing reload, shadow
+comparisons."""
 
 from __future__ import annotations
 
@@ -211,6 +212,43 @@ async def pin_adapter(data: JSONBody[AdapterAction], parts: Parts, request: Requ
     return await _act_on_shards(parts, request, "adapters.pin", data, version, parts.pool.healthy_shards(), _unload(ref, True), pinned=False)
 
 
+def _merge(ref: shard_pb2.AdapterRef):
+    req = shard_pb2.MergeAdapterRequest(adapter=ref)
+    return lambda stub: stub.MergeAdapter(req, timeout=ADMIN_TIMEOUT_S)
+
+
+def _unmerge(stub):
+    return stub.UnmergeAdapter(shard_pb2.UnmergeAdapterRequest(), timeout=ADMIN_TIMEOUT_S)
+
+
+@post("/adapters/merge", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Merge an adapter version into the base weights of shards")
+async def merge_adapter(data: JSONBody[AdapterAction], parts: Parts, request: Request) -> AdapterActionResult:
+    """Merges on the shards given, or on the `replicas` shards that own adapter@version on the ring;
+    each replaces whatever it had merged. Shards with a quantized (nf4/int8) base answer
+    FAILED_PRECONDITION and keep serving unchanged. Placement prefers the merged shards."""
+    version, shards = _targets(parts, data)
+    ref = shard_pb2.AdapterRef(name=data.adapter, version=version)
+    result = await _act_on_shards(parts, request, "adapters.merge", data, version, shards, _merge(ref))
+    for shard, answer in result.shards.items():
+        if answer["ok"]:
+            parts.pool.record_merged(shard, adapter_ref(data.adapter, version))
+    return result
+
+
+@post("/adapters/unmerge", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Unmerge an adapter version from the shards holding it merged")
+async def unmerge_adapter(data: JSONBody[AdapterAction], parts: Parts, request: Request) -> AdapterActionResult:
+    """Restores the base weights exactly on the shards given, or on every healthy shard that
+    reports adapter@version merged."""
+    version, shards = _targets(parts, data)
+    if not data.shards:
+        shards = parts.pool.merged_on(adapter_ref(data.adapter, version))
+    result = await _act_on_shards(parts, request, "adapters.unmerge", data, version, shards, _unmerge)
+    for shard, answer in result.shards.items():
+        if answer["ok"]:
+            parts.pool.record_merged(shard, "")
+    return result
+
+
 @post("/routing/reload", responses=ADMIN_ERRORS, operation_class=DocumentedOperation, status_code=200, summary="Re-read the routing table and the tenants file now")
 async def reload_routing(parts: Parts, request: Request) -> RoutingReload:
     source = parts.routing_source
@@ -284,7 +322,10 @@ def admin_router(settings: GatewaySettings) -> Router:
     return Router(
         path="/admin",
         tags=["admin"],
-        route_handlers=[list_shards, shard_adapters, load_adapter, unload_adapter, pin_adapter, reload_routing, shadow_pairs],
+        route_handlers=[
+            list_shards, shard_adapters, load_adapter, unload_adapter, pin_adapter, merge_adapter, unmerge_adapter,
+            reload_routing, shadow_pairs,
+        ],
         middleware=[rate_limit.middleware],
     )
 

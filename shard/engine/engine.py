@@ -10,7 +10,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,8 @@ from shard.engine.sampling import RowSampler, sample_batch
 from shard.engine.scheduler import PrefillChunk, Scheduler
 
 if TYPE_CHECKING:
-    from shard.lora import AdapterSelection, LoraLease, LoraManager
+    from shard.lora import AdapterKey, AdapterSelection, LoraLease, LoraManager
+    from shard.lora.hot_policy import HotAdapterPolicy
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 # loading, when no "ready" notification arrived.
 _ADAPTER_RETRY_S = 0.05
 _THROUGHPUT_WINDOW_S = 10.0
+# How often the engine asks its hot-adapter policy whether to merge or unmerge.
+_HOT_MERGE_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0
     prefix_cache_blocks: int = 0
     prefix_cache_capacity_blocks: int = 0
+    merged_adapter: AdapterKey | None = None  # merged into the base weights (LoraManager.merge)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -112,6 +117,7 @@ class Engine:
         prefix_cache_bytes: int = 0,
         prefix_block_tokens: int = 16,
         decode_attention: bool = True,
+        hot_merge_policy: HotAdapterPolicy | None = None,
     ) -> None:
         """``decode_attention``: decode steps on CPU attend through the compiled kernel
         (shard.engine.attention) where it builds; False keeps the model's own attention."""
@@ -154,6 +160,12 @@ class Engine:
         self._tokens = 0
         self._prefill_tokens = 0
         self._decode_window: deque[tuple[float, float, int]] = deque()  # (end time, seconds, tokens)
+        # Merges and unmerges asked for from other threads, applied by the engine thread between
+        # steps: (action, adapter, future answered with the adapter replaced / unmerged).
+        self._merge_requests: deque[tuple[str, AdapterKey | None, Future]] = deque()
+        self.hot_merge_policy = hot_merge_policy if lora is not None else None
+        self._merged_by_admin = False  # an admin merge stays until an admin unmerge
+        self._next_hot_check = 0.0
         if lora is not None:
             lora.add_listener(self._on_adapter_event)
 
@@ -283,6 +295,26 @@ class Engine:
             self._lock.notify_all()
         return handle
 
+    def request_merge(self, key: AdapterKey) -> Future:
+        """Merge `key` (on a device slot already: `LoraManager.load` it first) into the base weights
+        between two steps. The future answers with the adapter it replaced (None: none), or raises
+        MergeRefusedError. Running requests keep running; their answers do not change."""
+        return self._queue_merge_change("merge", key)
+
+    def request_unmerge(self) -> Future:
+        """Restore the base weights between two steps; the future answers with the adapter that was
+        merged (None: none)."""
+        return self._queue_merge_change("unmerge", None)
+
+    def _queue_merge_change(self, action: str, key: AdapterKey | None) -> Future:
+        if self.lora is None:
+            raise InvalidRequestError("this shard serves the base model only")
+        future: Future = Future()
+        with self._lock:
+            self._merge_requests.append((action, key, future))
+            self._lock.notify_all()
+        return future
+
     def _cancel(self, handle: RequestHandle) -> None:
         with self._lock:
             self._cancelled.append(handle._sequence)
@@ -318,6 +350,7 @@ class Engine:
                 prefix_cache_hit_tokens=prefix.hit_tokens if prefix else 0,
                 prefix_cache_blocks=prefix.cached_blocks if prefix else 0,
                 prefix_cache_capacity_blocks=prefix.capacity_blocks if prefix else 0,
+                merged_adapter=self.lora.merged if self.lora is not None else None,
             )
 
     # --- the loop ------------------------------------------------------------------------------
@@ -349,13 +382,65 @@ class Engine:
                 if not sequence.done:
                     self._finish(sequence, FinishReason.CANCELLED)
             self.scheduler.admit(self._try_start)
+            merge_requests, self._merge_requests = self._merge_requests, deque()
         with torch.inference_mode():
+            for action, key, future in merge_requests:
+                self._apply_admin_merge_change(action, key, future)
             self.step()
+            if self.hot_merge_policy is not None:
+                self._follow_hot_merge_policy()
         with self._lock:
             return bool(self.scheduler.running or self.scheduler.waiting)
 
+    # --- the merged adapter (engine thread, between steps) -------------------------------------
+
+    def _apply_admin_merge_change(self, action: str, key: AdapterKey | None, future: Future) -> None:
+        try:
+            if action == "merge":
+                changed = self.lora.merged != key
+                result = self.lora.merge(key)
+                self._merged_by_admin = True
+            else:
+                changed = self.lora.merged is not None
+                result = self.lora.unmerge()
+                self._merged_by_admin = False
+        except Exception as error:  # refused: nothing changed
+            future.set_exception(error)
+            return
+        if changed:
+            self._merge_changed(action, "admin", key or result)
+        future.set_result(result)
+
+    def _follow_hot_merge_policy(self) -> None:
+        now = time.monotonic()
+        if now < self._next_hot_check or self._merged_by_admin:
+            return
+        self._next_hot_check = now + _HOT_MERGE_CHECK_S
+        decision = self.hot_merge_policy.decide(now, self.lora.merged)
+        if decision is None:
+            return
+        if decision.action == "unmerge":
+            self.lora.unmerge()
+        else:
+            from shard.lora.errors import MergeRefusedError
+
+            try:
+                self.lora.merge(decision.adapter)
+            except MergeRefusedError as error:  # not on a device slot at this moment: ask again later
+                log.info("hot adapter %s not merged: %s", decision.adapter, error)
+                return
+        log.info("hot adapter policy: %s at %.0f%% of recent tokens", decision.action, 100 * decision.share)
+        self._merge_changed(decision.action, "auto", decision.adapter)
+
+    def _merge_changed(self, action: str, trigger: str, key: AdapterKey) -> None:
+        log.info("%s %s into the base weights (%s)", "merged" if action == "merge" else "unmerged", key, trigger)
+        if self.hot_merge_policy is not None:
+            self.hot_merge_policy.changed(time.monotonic())
+        if self.metrics is not None:
+            self.metrics.observe_merge_change(action, trigger)
+
     def _has_work(self) -> bool:
-        if self._cancelled or self.scheduler.running:
+        if self._cancelled or self.scheduler.running or self._merge_requests:
             return True
         if self.scheduler.waiting and self.scheduler.free_rows:
             now = time.monotonic()
@@ -433,6 +518,11 @@ class Engine:
             self.cache.abort()
             raise
         self.cache.commit()
+        if self.hot_merge_policy is not None:
+            tokens: Counter = Counter()
+            for sequence, row_inputs in zip(sequences, inputs):
+                tokens[sequence.request.adapter] += len(row_inputs)
+            self.hot_merge_policy.observe(time.monotonic(), tokens)
         return out.logits[:, -1, :].float()
 
     def _last_position(self, width: int) -> int | torch.Tensor:

@@ -20,3 +20,8 @@ class AdapterInUseError(AdapterError):
 
 class AdapterLoadTimeout(AdapterError, TimeoutError):
     """A blocking load did not finish within its timeout (it keeps running in the background)."""
+
+
+class MergeRefusedError(AdapterError):
+    """An adapter cannot be merged into this shard's base weights (a quantized base, or nothing
+    to merge); gRPC FAILED_PRECONDITION. Serving is unchanged."""

@@ -6,7 +6,11 @@ tells every layer which (slot, weight) entries each batch row uses. A shard with
 
 A request asks for an adapter version (`AdapterKey`) or an ad-hoc mix (`AdapterMix`); a version may
 turn out to be a registered mix. Either way a mix row holds every component (refcounted like any
-request's adapter, so none is evicted under it) and adds their weighted deltas."""
+request's adapter, so none is evicted under it) and adds their weighted deltas.
+
+It also holds at most one adapter merged into the base weights (`merge`/`unmerge`, engine thread
+only, between forward passes): the merged adapter keeps its device slot (held like a running
+request, so it is never evicted) because every other row subtracts its delta through that slot."""
 
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ from torch import nn
 
 from shard.lora.batch_plan import RowEntries
 from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS
-from shard.lora.errors import AdapterNotFoundError, AdapterRejectedError
+from shard.lora.errors import AdapterNotFoundError, AdapterRejectedError, MergeRefusedError
 from shard.lora.keys import AdapterKey, AdapterMix
+from shard.lora.merged_weights import MergedBaseWeights, merge_refusal, rows_over_merged_base
 from shard.lora.runtime import DEFAULT_TARGET_MODULES, LoraRuntime, install_multi_lora
 from shard.lora.slot_pool import AdapterSlotPool
 from shard.lora.sources import AdapterSource
@@ -61,6 +66,7 @@ class LoraManager:
             load_observer=load_observer,
             max_mix_components=max_mix_components,
         )
+        self._merged: tuple[AdapterKey, MergedBaseWeights] | None = None
 
     @classmethod
     def install(
@@ -157,12 +163,62 @@ class LoraManager:
     @contextlib.contextmanager
     def batch(self, rows: Sequence[RowEntries]) -> Iterator[None]:
         """Inside the block, row b of a forward pass adds its (slot, weight) entries rows[b]
-        (see `LoraRuntime.set_batch_rows`). The plan is built once here, on the host, for every layer."""
+        (see `LoraRuntime.set_batch_rows`). The plan is built once here, on the host, for every layer.
+        With an adapter merged, every row's weight on it drops by one (`rows_over_merged_base`)."""
+        merged = self._merged
+        if merged is not None:
+            rows = rows_over_merged_base(rows, merged[1].slot)
         self.runtime.set_batch_rows(rows)
         try:
             yield
         finally:
             self.runtime.clear_batch_slots()
+
+    # ---- the merged adapter (engine thread only, between forward passes) ----
+
+    @property
+    def merged(self) -> AdapterKey | None:
+        """The adapter merged into the base weights, or None."""
+        merged = self._merged
+        return merged[0] if merged is not None else None
+
+    def merge_refusal(self) -> str | None:
+        """Why this model's base weights cannot hold a merged adapter (quantized), or None."""
+        return merge_refusal(self._base_layers())
+
+    def merge(self, key: AdapterKey) -> AdapterKey | None:
+        """Merge `key` (already on a device slot) into the base weights, unmerging whatever was
+        merged before; returns that. Raises MergeRefusedError with nothing changed when the base is
+        quantized or `key` is not on a device slot."""
+        if self.merged == key:
+            return None
+        reason = self.merge_refusal()
+        if reason is not None:
+            raise MergeRefusedError(f"cannot merge {key}: {reason}")
+        slot = self._cache.try_acquire(key)
+        if slot is None:
+            raise MergeRefusedError(f"cannot merge {key}: it is not on a device slot yet (load it first)")
+        replaced = self.unmerge()
+        try:
+            weights = MergedBaseWeights.merge(self.pool, self._base_layers(), slot)
+        except BaseException:
+            self._cache.release(key)
+            raise
+        self._merged = (key, weights)
+        return replaced
+
+    def unmerge(self) -> AdapterKey | None:
+        """Restore the base weights bit for bit; returns the adapter that was merged (None: none)."""
+        if self._merged is None:
+            return None
+        key, weights = self._merged
+        weights.restore(self._base_layers())
+        self._merged = None
+        self._cache.release(key)
+        return key
+
+    def _base_layers(self) -> dict[str, nn.Module]:
+        return {name: layer.base_layer for name, layer in self.runtime.layers.items()}
 
     # ---- the admin calls (may block) ----
 

@@ -10,6 +10,6 @@ def test_shard_service_exposes_the_contracted_methods():
 
     service = shard_pb2.DESCRIPTOR.services_by_name["Shard"]
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Generate", "LoadAdapter", "UnloadAdapter", "ListAdapters", "Stats"}
+    assert set(methods) == {"Generate", "LoadAdapter", "UnloadAdapter", "ListAdapters", "Stats", "MergeAdapter", "UnmergeAdapter"}
     assert methods["Generate"].server_streaming
     assert not any(m.server_streaming for name, m in methods.items() if name != "Generate")

@@ -70,9 +70,11 @@ def test_metrics_follow_requests_refusals_and_adapter_loads(tiny_model_dir, tiny
     # The prefix cache's counters come from the engine: every prompt token was looked up.
     queried = value(after, "loraplex_shard_prefix_cache_query_tokens_total")
     assert queried > 0 and 0 <= value(after, "loraplex_shard_prefix_cache_hit_tokens_total") <= queried
-    # Bounded labels: nothing names an adapter, a version or a request.
+    # Bounded labels: nothing names an adapter, a version or a request (the merged-adapter gauge has
+    # no series while nothing is merged, and at most one when something is).
     label_names = {name for (_, labels) in after for name, _ in labels}
-    assert label_names <= {"phase", "tier", "reason", "le", "shard", "base_model", "quantization", "device"}
+    assert label_names <= {"phase", "tier", "reason", "le", "shard", "base_model", "quantization", "device", "action", "trigger"}
+    assert value(after, "loraplex_shard_adapter_merge_changes_total", action="merge", trigger="auto") == 0
 
 
 def test_every_refusal_reason_is_exported_from_the_start():
