@@ -30,6 +30,8 @@ class ScriptedShard(shard_pb2_grpc.ShardServicer):
         self.cancelled = 0
         # (adapter, version) -> the status this shard refuses it with (FAILED_PRECONDITION: corrupt artifacts).
         self.faults: dict[tuple[str, str], grpc.StatusCode] = {}
+        self.merged: shard_pb2.AdapterRef | None = None
+        self.quantized = False  # a quantized base refuses merges
 
     async def Generate(self, request, context):
         self.requests.append(request)
@@ -94,7 +96,20 @@ class ScriptedShard(shard_pb2_grpc.ShardServicer):
         return shard_pb2.ListAdaptersResponse(adapters=infos, tiers=[shard_pb2.TierStats(tier="device", capacity=4, used=len(infos))])
 
     async def Stats(self, request, context):
-        return shard_pb2.StatsResponse(shard_id=self.name, base_model="scripted", quantization="fp32", device="cpu")
+        return shard_pb2.StatsResponse(
+            shard_id=self.name, base_model="scripted", quantization="nf4" if self.quantized else "fp32", device="cpu",
+            merged_adapter=self.merged,
+        )
+
+    async def MergeAdapter(self, request, context):
+        if self.quantized:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"scripted: the base weights of {self.name} are quantized")
+        replaced, self.merged = self.merged, request.adapter
+        return shard_pb2.MergeAdapterResponse(merged=request.adapter, replaced=replaced)
+
+    async def UnmergeAdapter(self, request, context):
+        unmerged, self.merged = self.merged, None
+        return shard_pb2.UnmergeAdapterResponse(unmerged=unmerged)
 
 
 class ScriptedShardServer:

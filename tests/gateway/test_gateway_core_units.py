@@ -200,6 +200,18 @@ def test_hot_adapter_spreads_and_base_goes_to_least_loaded():
     assert sorted(ring.choose("legal@1", loads)) == ["a", "b", "c", "d"]  # full failover order
 
 
+def test_a_shard_holding_the_adapter_merged_comes_first_within_the_load_bound():
+    ring = PlacementRing(["a", "b", "c", "d"], hot_inflight=100)
+    order = ring.ring_order("legal@1")
+    merged = order[2]
+    loads = {s: 1 for s in "abcd"}
+    picks = ring.choose("legal@1", loads, merged_on=[merged])
+    assert picks[0] == merged and sorted(picks) == ["a", "b", "c", "d"]
+    assert ring.choose("sql@1", loads, merged_on=[])[0] == ring.ring_order("sql@1")[0]  # others keep their owner
+    loads[merged] = 6  # over (1+eps) x mean: the bound still spills it
+    assert ring.choose("legal@1", loads, merged_on=[merged])[0] == order[0]
+
+
 # shadow ----------------------------------------------------------------------------------------
 def test_compare_outputs():
     assert compare_outputs([1, 2, 3], [1, 2, 3], "abc", "abc") == (True, 1.0)
