@@ -3,7 +3,6 @@ rows of other adapters (their delta minus the merged one) and base rows (minus t
 answer what PEFT gives each row alone (fp32: logits within 1e-4, same greedy tokens), before the
 merge, while merged and after the unmerge; the unmerge gives back the base weights bit for bit."""
 
-import copy
 
 import pytest
 import torch
