@@ -519,11 +519,19 @@ class Engine:
             raise
         self.cache.commit()
         if self.hot_merge_policy is not None:
-            tokens: Counter = Counter()
-            for sequence, row_inputs in zip(sequences, inputs):
-                tokens[sequence.request.adapter] += len(row_inputs)
-            self.hot_merge_policy.observe(time.monotonic(), tokens)
+            self._observe_traffic(sequences, inputs)
         return out.logits[:, -1, :].float()
+
+    def _observe_traffic(self, sequences: list[_Sequence], inputs: list[list[int]]) -> None:
+        """Tokens per adapter version for the hot-adapter policy. Only a row of one adapter at
+        weight 1 would do no LoRA work with that adapter merged: base rows and mix rows count as
+        None (traffic that no merge serves)."""
+        tokens: Counter = Counter()
+        for sequence, row_inputs in zip(sequences, inputs):
+            lease = sequence.lora_lease
+            single = lease is not None and len(lease.keys) == 1 and lease.entries[0][1] == 1.0
+            tokens[lease.keys[0] if single else None] += len(row_inputs)
+        self.hot_merge_policy.observe(time.monotonic(), tokens)
 
     def _last_position(self, width: int) -> int | torch.Tensor:
         """Which input position the model computes logits for: the last (inputs are left-padded).

@@ -40,7 +40,8 @@ class HotAdapterPolicy:
         self._last_change: float | None = None
 
     def observe(self, now: float, tokens: Mapping[Hashable | None, int]) -> None:
-        """A forward pass produced `tokens[adapter]` tokens per adapter (None = the base model)."""
+        """A forward pass produced `tokens[adapter]` tokens per adapter; None counts traffic no
+        merge can serve (the base model, mixes): it is never merged but weighs in every share."""
         if self._watching_since is None:
             self._watching_since = now
         step = Counter({k: v for k, v in tokens.items() if v > 0})

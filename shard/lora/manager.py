@@ -195,6 +195,8 @@ class LoraManager:
         reason = self.merge_refusal()
         if reason is not None:
             raise MergeRefusedError(f"cannot merge {key}: {reason}")
+        if self._cache.mix_of(key) is not None:
+            raise MergeRefusedError(f"cannot merge {key}: it is a mix; merge one of its components")
         slot = self._cache.try_acquire(key)
         if slot is None:
             raise MergeRefusedError(f"cannot merge {key}: it is not on a device slot yet (load it first)")

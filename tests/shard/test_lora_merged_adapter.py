@@ -33,7 +33,7 @@ def install(model, tiny_adapter_dirs, decode_kernel="torch"):
     slots = {}
     for name in tiny_adapter_dirs:
         lora.load(key(name))
-        slots[name] = lora.try_acquire(key(name))
+        slots[name] = lora.try_acquire(key(name)).entries[0][0]
     return lora, slots
 
 
@@ -67,6 +67,12 @@ def served(model, lora, slots, names, input_ids):
         return model(input_ids=input_ids).logits
 
 
+def served_mix(model, lora, slots, input_ids):
+    """Every row the mix 0.7·alpha + 0.3·beta (alpha is the merged adapter)."""
+    with torch.no_grad(), lora.batch([[(slots["alpha"], 0.7), (slots["beta"], 0.3)]] * input_ids.shape[0]):
+        return model(input_ids=input_ids).logits
+
+
 def weights_of(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -90,16 +96,21 @@ def test_three_row_kinds_match_peft_before_during_and_after_a_merge(tiny_adapter
     original = weights_of(model)
     try:
         before = served(model, lora, slots, ROWS, input_ids)
+        mix_before = served_mix(model, lora, slots, input_ids)
         assert lora.merge(key(MERGED)) is None and lora.merged == key(MERGED)
         changed = [n for n, p in model.named_parameters() if not torch.equal(p, original[n])]
         assert changed and all(".base_layer." in n for n in changed)  # the merge really is in the weights
         during = served(model, lora, slots, ROWS, input_ids)
+        mix_during = served_mix(model, lora, slots, input_ids)
         assert lora.unmerge() == key(MERGED) and lora.merged is None
         after = served(model, lora, slots, ROWS, input_ids)
     finally:
         lora.close()
     for name, tensor in model.named_parameters():
         assert torch.equal(tensor, original[name]), f"{name} not restored bit for bit"
+    # A mix holding the merged adapter keeps 0.7 - 1 of it over the merged base: the same answer.
+    assert (mix_during - mix_before).abs().max().item() <= 1e-4
+    assert (mix_before - before).abs().max().item() > 1e-3  # the mix is not one of the rows above
     for label, got in (("before", before), ("merged", during), ("after", after)):
         for row, name in enumerate(ROWS):
             diff = (got[row] - expected[row]).abs().max().item()
