@@ -405,20 +405,23 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     async def _merge(self, engine: Engine, lora: LoraManager, key):
         """Bring `key` onto a device slot, then have the engine merge it between two steps. The
         slot may be taken by another load in between (every slot busy): then load again."""
-        from shard.lora.errors import MergeRefusedError
+        from shard.lora.errors import AdapterNotResidentError
 
         for attempt in range(_MERGE_ATTEMPTS):
             await asyncio.to_thread(lora.load, key, False, _MERGE_TIMEOUT_S)
             try:
                 return await asyncio.wait_for(asyncio.wrap_future(engine.request_merge(key)), _MERGE_TIMEOUT_S)
-            except MergeRefusedError:
-                if lora.merge_refusal() is not None or attempt == _MERGE_ATTEMPTS - 1:
+            except AdapterNotResidentError:
+                if attempt == _MERGE_ATTEMPTS - 1:
                     raise
 
     async def UnmergeAdapter(self, request, context):
         core = await self._core(context)
         await self._lora(context)
-        unmerged = await asyncio.wait_for(asyncio.wrap_future(core.engine.request_unmerge()), _MERGE_TIMEOUT_S)
+        try:
+            unmerged = await asyncio.wait_for(asyncio.wrap_future(core.engine.request_unmerge()), _MERGE_TIMEOUT_S)
+        except Exception as exc:
+            await context.abort(_adapter_status(exc), str(exc))
         return shard_pb2.UnmergeAdapterResponse(unmerged=_ref(unmerged) if unmerged else None)
 
 

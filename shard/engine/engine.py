@@ -311,6 +311,8 @@ class Engine:
             raise InvalidRequestError("this shard serves the base model only")
         future: Future = Future()
         with self._lock:
+            if self._stop:
+                raise EngineClosedError("the shard is shutting down")
             self._merge_requests.append((action, key, future))
             self._lock.notify_all()
         return future
@@ -371,6 +373,9 @@ class Engine:
                 for sequence in list(self.scheduler.waiting) + self.scheduler.prefilling + self.scheduler.decoding:
                     if not sequence.done:
                         self._finish(sequence, FinishReason.CANCELLED)
+                for _, _, future in self._merge_requests:
+                    future.set_exception(EngineClosedError("the shard is shutting down"))
+                self._merge_requests.clear()
 
     def run_once(self) -> bool:
         """One iteration of the loop: retire cancelled requests, admit waiting ones, prefill,

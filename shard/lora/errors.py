@@ -25,3 +25,7 @@ class AdapterLoadTimeout(AdapterError, TimeoutError):
 class MergeRefusedError(AdapterError):
     """An adapter cannot be merged into this shard's base weights (a quantized base, or nothing
     to merge); gRPC FAILED_PRECONDITION. Serving is unchanged."""
+
+
+class AdapterNotResidentError(MergeRefusedError):
+    """A merge found its adapter off the device slots (evicted since it was loaded): load it again."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from shard.lora.batch_plan import RowEntries
 from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS
-from shard.lora.errors import AdapterNotFoundError, AdapterRejectedError, MergeRefusedError
+from shard.lora.errors import AdapterNotFoundError, AdapterNotResidentError, AdapterRejectedError, MergeRefusedError
 from shard.lora.keys import AdapterKey, AdapterMix
 from shard.lora.merged_weights import MergedBaseWeights, merge_refusal, rows_over_merged_base
 from shard.lora.runtime import DEFAULT_TARGET_MODULES, LoraRuntime, install_multi_lora
@@ -199,7 +199,7 @@ class LoraManager:
             raise MergeRefusedError(f"cannot merge {key}: it is a mix; merge one of its components")
         slot = self._cache.try_acquire(key)
         if slot is None:
-            raise MergeRefusedError(f"cannot merge {key}: it is not on a device slot yet (load it first)")
+            raise AdapterNotResidentError(f"cannot merge {key}: it is not on a device slot yet (load it first)")
         replaced = self.unmerge()
         try:
             weights = MergedBaseWeights.merge(self.pool, self._base_layers(), slot)
