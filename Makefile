@@ -10,7 +10,7 @@ DEPS_HASH := $(shell $(PYTHON) -c "import hashlib,sys;print(hashlib.sha256(open(
 STAMP := $(VENV)/.deps-$(DEPS_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-unit test-e2e protos bench bench-quick bench-peers clean
+.PHONY: venv run test test-unit test-e2e protos bench bench-quick bench-peers soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench-quick: venv
 # first use); PEERS_ARGS="--pairs 1 --dtypes bf16" for a quick run.
 bench-peers: venv
 	$(BIN)/python -m bench.peers $(PEERS_ARGS)
+
+# The chaos soak over the real stack (bench/soak.py): 20 minutes by default;
+# SOAK_DURATION_S=120 for a short run. Results in bench/results/soak.{json,png}.
+SOAK_DURATION_S ?= 1200
+soak: venv
+	$(BIN)/python -m bench.soak --duration-s $(SOAK_DURATION_S) $(SOAK_ARGS)
 
 clean:
 	rm -rf .state

@@ -6,7 +6,8 @@ schema too):
 - request validation errors answer 400 `invalid_request_error` (OpenAI does the same; 422 unused);
 - a granted adapter with no `champion` in the registry, or a pinned version the registry does
   not know, answers 404 `model_not_found` - the tenant is granted the name, so existence is no secret;
-- FAILED_PRECONDITION (the shard refused the adapter version: corrupt, wrong base) is a
+- FAILED_PRECONDITION (the shard refused the adapter version: corrupt, wrong base; or cannot load it
+  while the registry is unreachable and it is not in the shard's disk cache) is a
   `VersionRefused` and answers 503 `adapter_unavailable`: the caller did nothing wrong and a
   promotion fixes it. For champion and canary assignments the completion service first falls
   back to the adapter's last good version (gateway/version_fallback.py), so a broken promotion

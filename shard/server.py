@@ -142,7 +142,9 @@ def _failure(error: BaseException) -> tuple[grpc.StatusCode, str]:
     from shard.lora.errors import MergeRefusedError
 
     if isinstance(error, RegistryUnavailableError):
-        return grpc.StatusCode.UNAVAILABLE, "registry_unavailable"
+        # The version cannot be loaded here now (MLflow unreachable, not in the disk cache); the
+        # shard itself is fine. UNAVAILABLE would make the gateway take the shard out of its ring.
+        return grpc.StatusCode.FAILED_PRECONDITION, "registry_unavailable"
     if isinstance(error, AdapterNotFoundError):
         return grpc.StatusCode.NOT_FOUND, "adapter_not_found"
     if isinstance(error, AdapterRejectedError):
