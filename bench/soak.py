@@ -413,6 +413,39 @@ def summarise(soak: Soak, setup: dict) -> dict:
     }
 
 
+def timeline(rows: list[list], bucket_s: float = 10.0) -> list[dict]:
+    """Per `bucket_s` of the run: requests by outcome and the latency of the answered ones."""
+    buckets: dict[int, list[list]] = {}
+    for row in rows:
+        buckets.setdefault(int(row[0] // bucket_s), []).append(row)
+    out = []
+    for index in sorted(buckets):
+        group = buckets[index]
+        latencies = sorted(r[1] for r in group if r[2] == "ok")
+        counts: dict[str, int] = {}
+        for r in group:
+            counts[r[2]] = counts.get(r[2], 0) + 1
+        out.append({
+            "t": index * bucket_s,
+            "outcomes": counts,
+            "latency_p50_s": latencies[len(latencies) // 2] if latencies else None,
+            "latency_max_s": latencies[-1] if latencies else None,
+        })
+    return out
+
+
+def write_report(report: dict, stem: Path) -> None:
+    """`stem`.png from every request; `stem`.json with the per-request rows folded into a timeline
+    (one line per bucket and per memory sample, so the file stays readable and small)."""
+    plot(report, stem.with_suffix(".png"))
+    lists = {"timeline": timeline(report["requests_over_time"]), "memory_samples": report["memory_samples"]}
+    head = {k: v for k, v in report.items() if k not in ("requests_over_time", "memory_samples")}
+    text = json.dumps(head, indent=1)[: -len("\n}")]
+    for key, items in lists.items():
+        text += f',\n "{key}": [\n  ' + ",\n  ".join(json.dumps(item) for item in items) + "\n ]"
+    stem.with_suffix(".json").write_text(text + "\n}\n")
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -568,8 +601,7 @@ def run(config: SoakConfig) -> dict:
         if not config.keep_state:
             shutil.rmtree(state, ignore_errors=True)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{config.name}.json").write_text(json.dumps(report, indent=1))
-    plot(report, RESULTS_DIR / f"{config.name}.png")
+    write_report(report, RESULTS_DIR / config.name)
     return report
 
 
