@@ -30,13 +30,16 @@ ADMIN_KEY = "rollout-admin-key"
 ADAPTER = "legal"
 
 
-def random_model(root: Path) -> tuple[Path, Path]:
-    """A random Llama (hidden 256, 4 layers: ~20 ms a decode step on a busy CPU core, never an
-    early end-of-sequence in greedy answers) and one random PEFT adapter for it."""
+def random_model(root: Path, hidden: int = 256, layers: int = 4, positions: int = 512) -> tuple[Path, Path]:
+    """A random Llama (by default hidden 256, 4 layers: ~20 ms a decode step at batch 6 on a busy
+    CPU core, never an early end-of-sequence in greedy answers) and one random PEFT adapter for it."""
     from bench.synthetic_models import random_llama, random_llama_config, save_random_llama, save_random_peft_adapter
     from loraplex.adapter_format import PROJECTIONS
 
-    config = random_llama_config(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=4)
+    config = random_llama_config(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers, num_heads=8, num_kv_heads=4,
+        max_position_embeddings=positions,
+    )
     model_dir = save_random_llama(root / "model", config, seed=0)
     adapter = save_random_peft_adapter(
         random_llama(config, seed=0), root / ADAPTER, rank=8, alpha=16, target_modules=PROJECTIONS, seed=1, std=0.1
@@ -72,7 +75,7 @@ class ProcessStack:
         self.shards[shard_id] = process
         self.shard_addresses[shard_id] = f"127.0.0.1:{port}"
         ready = f"shard {shard_id} ready on 127.0.0.1:{port}"
-        process.wait_until(lambda: ready in process.log_path.read_text(), timeout_s=180)
+        process.wait_until(lambda: ready in process.log_path.read_text(), timeout_s=420)
         return self.shard_addresses[shard_id]
 
     def shard_stats(self, shard_id: str) -> shard_pb2.StatsResponse:
@@ -90,7 +93,7 @@ class ProcessStack:
             "port": 0, "admin_port": 0, "tenants_file": str(tenants),
             "shard_addresses": list(self.shard_addresses.values()),
             "static_routes": {ADAPTER: {"champion": "local"}},
-            "health_interval_s": 0.2, "max_tokens_limit": 512, "request_timeout_s": 60, **settings,
+            "health_interval_s": 0.2, "health_timeout_s": 2.0, "max_tokens_limit": 512, "request_timeout_s": 60, **settings,
         }
         config = self.root / "gateway.yaml"
         config.write_text(yaml.safe_dump({"gateway": values}))

@@ -34,10 +34,13 @@ def announce_ready(settings: GatewaySettings, workers: int) -> None:
     sys.stdout.flush()
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, send_buffer_bytes: int = 0) -> socket.socket:
     """Bound before any worker starts, so that port 0 works and every worker serves the same port."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer_bytes:
+        # Accepted connections inherit it: the kernel's share of what a stalled client holds.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
     # Accepted connections inherit it: without it a response whose headers and body go out in
     # two writes waits ~40 ms for the client's delayed ACK (Nagle).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {name: value for name, value in (("port", args.port), ("admin_port", args.admin_port)) if value is not None}
         if overrides:
             settings = GatewaySettings.from_mapping({**settings.__dict__, **overrides})
-        sockets = [bind(settings.host, settings.port), bind(settings.host, settings.admin_port)]
+        sockets = [bind(settings.host, settings.port, settings.socket_send_buffer_bytes), bind(settings.host, settings.admin_port)]
         # The ports bound (port 0 = any free one) are the ports the apps tell apart.
         bound = {"port": sockets[0].getsockname()[1], "admin_port": sockets[1].getsockname()[1]}
         settings = GatewaySettings.from_mapping({**settings.__dict__, **bound})

@@ -73,6 +73,14 @@ class GatewaySettings(LayeredSettings):
     # 0 = request_timeout_s + 5 s; a smaller value would cut answers still within their timeout.
     drain_delay_s: float = 2.0
     drain_grace_s: float = 0.0
+    # A streamed answer whose next write waits this long on a client that stopped reading is cut:
+    # the shard call is cancelled (its batch row freed) and the connection closed
+    # (gateway/routes/streaming.py).
+    stream_write_timeout_s: float = 15.0
+    # SO_SNDBUF of the API port's connections: what the kernel holds for a client that stops
+    # reading, before the write stalls (and the timeout above starts counting). 0 = the kernel's
+    # autotuning, up to net.ipv4.tcp_wmem's maximum (4 MiB by default) per connection.
+    socket_send_buffer_bytes: int = 0
     # Placement.
     ring_virtual_nodes: int = 128
     ring_load_epsilon: float = 0.25
@@ -144,6 +152,8 @@ class GatewaySettings(LayeredSettings):
             raise SettingsError("intervals and timeouts must be positive")
         if self.drain_delay_s < 0 or self.drain_grace_s < 0:
             raise SettingsError("drain_delay_s and drain_grace_s must be >= 0")
+        if self.stream_write_timeout_s <= 0 or self.socket_send_buffer_bytes < 0:
+            raise SettingsError("stream_write_timeout_s must be positive and socket_send_buffer_bytes >= 0")
         if self.drain_grace_s and self.drain_grace_s < self.request_timeout_s:
             raise SettingsError(
                 f"drain_grace_s ({self.drain_grace_s:g}) is shorter than request_timeout_s ({self.request_timeout_s:g}): "

@@ -9,7 +9,6 @@ from litestar import Request, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 from litestar.response.base import ASGIResponse
-from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Scope, Send
 
 from gateway.openai_schema import (
@@ -25,6 +24,7 @@ from gateway.errors import shutting_down
 from gateway.parts import GatewayParts, Parts
 from gateway.routes.operation_docs import SESSION_HEADER, STREAM_DOC, DocumentedOperation, StreamingOperation
 from gateway.routes.responses import AUTH_ERRORS, GENERATION_ERRORS, with_served_by
+from gateway.routes.streaming import WriteBoundedStream
 from gateway.tenants import Tenant
 
 TenantRequest = Request[Tenant, str, Any]
@@ -58,7 +58,9 @@ async def _answer(request: TenantRequest, parts: GatewayParts, body: CompletionR
         if prepared.stream:
             events, served_by = await service.open_stream(prepared, tenant)
             served_by["cache-control"] = "no-cache"
-            return ASGIStreamingResponse(iterator=events, media_type="text/event-stream", headers=served_by)
+            return WriteBoundedStream(
+                iterator=events, media_type="text/event-stream", headers=served_by, write_timeout_s=parts.settings.stream_write_timeout_s
+            )
         answer, served_by = await service.complete(prepared, tenant)
     except Exception as error:
         raise with_served_by(error, service.served_by(prepared.choice)) from error

@@ -68,7 +68,8 @@ class ScriptedShard(shard_pb2_grpc.ShardServicer):
                     chunk.usage.completion_tokens = n
                 yield chunk
                 await asyncio.sleep(0)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled while sleeping, or closed while grpc waited to send a chunk (flow control).
             self.cancelled += 1
             raise
 

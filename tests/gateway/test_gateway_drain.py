@@ -30,6 +30,8 @@ def test_drain_grace_covers_the_request_timeout_by_default_and_a_shorter_one_is_
         GatewaySettings.from_mapping({"drain_grace_s": 5})
     with pytest.raises(SettingsError, match="drain_delay_s"):
         GatewaySettings.from_mapping({"drain_delay_s": -1})
+    with pytest.raises(SettingsError, match="stream_write_timeout_s"):
+        GatewaySettings.from_mapping({"stream_write_timeout_s": 0})
 
 
 def test_a_draining_gateway_is_not_ready_and_refuses_new_requests(client, admin_client, parts):
@@ -74,6 +76,7 @@ def test_sigterm_mid_stream_finishes_every_stream_and_refuses_new_requests(worke
         "shard_addresses": [s.address for s in slow_shards],
         "static_routes": ROUTES,
         "health_interval_s": 0.2,
+        "health_timeout_s": 2.0,  # a loaded CI machine must not flap the shards out of the ring
         "request_timeout_s": 20,
         "drain_delay_s": 3.0,
     }
