@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+import msgspec
+
 from gateway.dispatch import Dispatcher, GenerationJob, GenerationResult, ShardStream, StreamCut
 from gateway.errors import OpenAIError, ShardError, VersionRefused, bad_request, unservable_reason
 from gateway.metrics import GatewayMetrics

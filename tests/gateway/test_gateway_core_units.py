@@ -20,7 +20,7 @@ from gateway.settings import GatewaySettings, SettingsError
 from gateway.shadow import ShadowLog, ShadowPair, ShadowRecorder, compare_outputs
 from gateway.tenant_limits import LocalTenantLimiter
 from gateway.tenants import TenantDirectory, TenantLimits, Tenant, TenantsFileError, parse_tenants, sha256_hex
-from gateway_fixtures import ACME_KEY, ADMIN_KEY, LIMITED_KEY, WILDCARD_KEY, tenants_yaml
+from gateway_fixtures import ACME_KEY, ADMIN_KEY, WILDCARD_KEY, tenants_yaml
 
 
 # tenants ---------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from gateway_fixtures import ACME_KEY, ADMIN_KEY, LIMITED_KEY, WILDCARD_KEY, auth, wait_until
 from gateway_scripted_shard import expected_words
 

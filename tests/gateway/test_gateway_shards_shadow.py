@@ -74,6 +74,7 @@ def slow_client(tmp_path, tenants_file, shard_servers):
     for s in shard_servers:
         s.servicer.mode, s.servicer.slow_s = "slow", 0.3
     with TestClient(create_apps(settings, routing_source=StaticRoutingSource.from_mapping(ROUTES)).by_port()) as client:
+        assert wait_until(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
         yield client
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
-import pytest
 from litestar.testing import TestClient
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -82,6 +82,10 @@ def test_a_completion_is_one_trace_across_gateway_and_shard(tmp_path, tiny_model
             }
         )
         with TestClient(create_apps(settings, tracing=gateway_tracing).by_port()) as client:
+            # On a loaded machine the start-up health check can time out; the next round joins it.
+            deadline = time.monotonic() + 10
+            while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
             response = client.post(
                 "/v1/completions",
                 json={"model": adapter, "prompt": "hello", "max_tokens": 3},
