@@ -79,6 +79,7 @@ def test_a_completion_is_one_trace_across_gateway_and_shard(tmp_path, tiny_model
                 "shard_addresses": [shard.settings.address],
                 "static_routes": {adapter: {"champion": "local"}},
                 "health_interval_s": 0.1,
+                "health_timeout_s": 2.0,  # a loaded CI machine must not drop the only shard mid-test
             }
         )
         with TestClient(create_apps(settings, tracing=gateway_tracing).by_port()) as client:
