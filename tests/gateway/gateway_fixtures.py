@@ -22,6 +22,7 @@ from gateway.app import create_apps
 from gateway.routing_source import StaticRoutingSource
 from gateway.settings import GatewaySettings
 from gateway.tenants import sha256_hex
+from tests.support.waiting import wait_until  # noqa: F401  (the gateway tests import it from here)
 
 ADMIN_KEY = "admin-secret"
 ACME_KEY = "acme-secret"
@@ -91,15 +92,6 @@ def gateway_settings(tmp_path, tenants_file, shard_servers):
 
 def auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
-
-
-def wait_until(predicate, timeout_s: float = 5.0, step_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step_s)
-    return predicate()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.shared_limits import SharedTenantLimiter
 from gateway.tenants import Tenant, TenantLimits, sha256_hex
 from loraplex.stack.redis_server import RedisServer
+from tests.support.waiting import wait_until
 
 # name -> (concurrent_requests, tokens_per_minute)
 TENANTS = {"sixteen": (16, 0), "budget": (0, 100), "recover": (1, 0), "crash": (2, 0)}
@@ -131,16 +132,6 @@ def complete(url: str, name: str, max_tokens: int = 3, timeout_s: float = 30.0) 
     return httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key(name)}"}, timeout=timeout_s)
 
 
-def wait_for(predicate, timeout_s: float, step_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step_s)
-    return predicate()
-
-
 def test_gateway_a_runs_two_worker_processes_on_one_port(cluster):
     parent = psutil.Process(cluster.processes[0].pid)
     workers = [p for p in parent.children() if "spawn_main" in " ".join(p.cmdline())]
@@ -170,7 +161,7 @@ def test_the_17th_concurrent_request_gets_429_whichever_process_it_reaches(clust
     try:
         with ThreadPoolExecutor(16) as pool:
             held = [pool.submit(complete, url, "sixteen") for url in itertools.islice(itertools.cycle([cluster.a, cluster.b]), 16)]
-            assert wait_for(lambda: in_flight(cluster.redis.url, "sixteen") == 16, 10), "16 requests never were in flight"
+            assert wait_until(lambda: in_flight(cluster.redis.url, "sixteen") == 16, 10), "16 requests never were in flight"
             for url in (cluster.a, cluster.a, cluster.b):  # A twice: its two workers share the port
                 refused = complete(url, "sixteen")
                 assert refused.status_code == 429, refused.text
@@ -206,12 +197,12 @@ def test_store_killed_then_restarted_the_policies_hold_and_limits_recover(cluste
         assert int(refused.headers["retry-after"]) >= 1
     finally:
         cluster.redis.start()  # same port, empty
-    assert wait_for(lambda: complete(cluster.b, "recover").status_code == 200, 10, step_s=0.2)
+    assert wait_until(lambda: complete(cluster.b, "recover").status_code == 200, 10, step_s=0.2)
     cluster.slow_shards(0.5)
     try:
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(complete, cluster.a, "recover")
-            assert wait_for(lambda: in_flight(cluster.redis.url, "recover") == 1, 10)
+            assert wait_until(lambda: in_flight(cluster.redis.url, "recover") == 1, 10)
             assert complete(cluster.b, "recover").status_code == 429  # one limit again, across processes
             assert held.result().status_code == 200
     finally:
@@ -226,13 +217,13 @@ def test_a_gateway_killed_with_sigkill_releases_its_tenants_concurrency_within_t
         with ThreadPoolExecutor(2) as pool:
             for _ in range(2):
                 pool.submit(complete, doomed_url, "crash", 3, 10.0)
-            assert wait_for(lambda: in_flight(cluster.redis.url, "crash") == 2, 10)
+            assert wait_until(lambda: in_flight(cluster.redis.url, "crash") == 2, 10)
             assert complete(cluster.a, "crash").status_code == 429
             killed_at = time.monotonic()
             doomed.send_signal(signal.SIGKILL)
             doomed.wait(5)
             assert in_flight(cluster.redis.url, "crash") >= 1  # nobody released them: only the lease ends them
-            assert wait_for(lambda: in_flight(cluster.redis.url, "crash") == 0, LEASE_S + 1)
+            assert wait_until(lambda: in_flight(cluster.redis.url, "crash") == 0, LEASE_S + 1)
             released_after_s = time.monotonic() - killed_at
         assert released_after_s <= LEASE_S + 1
     finally:

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import httpx
 import pytest
 
 from registry import RegistryError, RegistryUnavailable, RoutingTableWatcher
-
-
-def wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
+from tests.support.waiting import wait_until
 
 
 def api(mlflow_server) -> str:
@@ -41,14 +32,14 @@ def test_ui_promotion_reaches_watcher_within_5s(
 ):
     adapter_registry.publish(make_adapter(), adapter_name, tiny_base, alias="champion")
     adapter_registry.publish(make_adapter(), adapter_name, tiny_base)
-    assert wait_for(lambda: (r := watcher.current().route(adapter_name)) is not None and r.champion == "1", 5.0)
+    assert wait_until(lambda: (r := watcher.current().route(adapter_name)) is not None and r.champion == "1", 5.0)
 
     moved = httpx.post(
         f"{api(mlflow_server)}/registered-models/alias",
         json={"name": adapter_name, "alias": "champion", "version": "2"},
     )
     assert moved.status_code == 200, moved.text
-    assert wait_for(lambda: watcher.current().route(adapter_name).champion == "2", 5.0)
+    assert wait_until(lambda: watcher.current().route(adapter_name).champion == "2", 5.0)
     assert watcher.changes[-1].route(adapter_name).champion == "2"
     assert not watcher.is_stale and watcher.last_error is None
 
@@ -65,7 +56,7 @@ def test_tag_edits_reach_watcher(adapter_registry, make_adapter, tiny_base, adap
 
     set_tag("loraplex.canary_percent", "40")
     set_tag("loraplex.tenants", "acme, beta ,")
-    assert wait_for(
+    assert wait_until(
         lambda: (r := watcher.current().route(adapter_name)) is not None and r.canary_percent == 40.0
         and r.tenants is not None,
         5.0,
@@ -76,7 +67,7 @@ def test_tag_edits_reach_watcher(adapter_registry, make_adapter, tiny_base, adap
 
     with caplog.at_level(logging.WARNING, logger="registry.routing"):
         set_tag("loraplex.canary_percent", "lots")
-        assert wait_for(lambda: watcher.current().route(adapter_name).canary_percent == 0.0, 5.0)
+        assert wait_until(lambda: watcher.current().route(adapter_name).canary_percent == 0.0, 5.0)
     assert any("lots" in record.getMessage() for record in caplog.records)
     assert not watcher.is_stale
 
@@ -85,7 +76,7 @@ def test_tag_edits_reach_watcher(adapter_registry, make_adapter, tiny_base, adap
         json={"name": adapter_name, "key": "loraplex.tenants"},
     )
     assert deleted.status_code == 200, deleted.text
-    assert wait_for(lambda: watcher.current().route(adapter_name).tenants is None, 5.0)
+    assert wait_until(lambda: watcher.current().route(adapter_name).tenants is None, 5.0)
 
 
 def test_fallback_tag_reaches_watcher(adapter_registry, make_adapter, tiny_base, adapter_name, mlflow_server, watcher, caplog):
@@ -94,17 +85,17 @@ def test_fallback_tag_reaches_watcher(adapter_registry, make_adapter, tiny_base,
     from registry import cli as registry_cli
 
     adapter_registry.publish(make_adapter(), adapter_name, tiny_base, alias="champion")
-    assert wait_for(lambda: (r := watcher.current().route(adapter_name)) is not None and r.champion == "1", 5.0)
+    assert wait_until(lambda: (r := watcher.current().route(adapter_name)) is not None and r.champion == "1", 5.0)
     assert watcher.current().route(adapter_name).fallback == "none"
     # As the MLflow UI or any MLflow client sets it, and as `loraplex adapters fallback` does.
     MlflowClient(mlflow_server.url).set_registered_model_tag(adapter_name, "loraplex.fallback", "Base")
-    assert wait_for(lambda: watcher.current().route(adapter_name).fallback == "base", 5.0)
+    assert wait_until(lambda: watcher.current().route(adapter_name).fallback == "base", 5.0)
     with caplog.at_level(logging.WARNING, logger="registry.routing"):
         MlflowClient(mlflow_server.url).set_registered_model_tag(adapter_name, "loraplex.fallback", "maybe")
-        assert wait_for(lambda: watcher.current().route(adapter_name).fallback == "none", 5.0)
+        assert wait_until(lambda: watcher.current().route(adapter_name).fallback == "none", 5.0)
     assert any("'maybe'" in record.getMessage() and "none or base" in record.getMessage() for record in caplog.records)
     assert registry_cli.main(["adapters", "fallback", "--tracking-uri", mlflow_server.url, adapter_name, "base"]) == 0
-    assert wait_for(lambda: watcher.current().route(adapter_name).fallback == "base", 5.0)
+    assert wait_until(lambda: watcher.current().route(adapter_name).fallback == "base", 5.0)
     with pytest.raises(RegistryError, match="fallback must be one of none, base"):
         adapter_registry.set_fallback(adapter_name, "champion")
     assert adapter_registry.routing_table().route(adapter_name).fallback == "base"
@@ -115,7 +106,7 @@ def test_watcher_keeps_last_table_while_mlflow_is_down(
 ):
     published = adapter_registry.publish(make_adapter(), adapter_name, tiny_base, alias="champion")
     cached = adapter_registry.fetch(adapter_name, "1")
-    assert wait_for(lambda: (r := watcher.current().route(adapter_name)) is not None and r.champion == "1", 5.0)
+    assert wait_until(lambda: (r := watcher.current().route(adapter_name)) is not None and r.champion == "1", 5.0)
     good = watcher.current()
     process_group = mlflow_server.process.pid
     mlflow_server.stop()
@@ -123,7 +114,7 @@ def test_watcher_keeps_last_table_while_mlflow_is_down(
         # Stopping ends the whole process group: MLflow's uvicorn worker too.
         with pytest.raises(ProcessLookupError):
             os.killpg(process_group, 0)
-        assert wait_for(lambda: watcher.last_error is not None, 30.0)
+        assert wait_until(lambda: watcher.last_error is not None, 30.0)
         assert watcher.is_stale
         assert watcher.status()["stale"] and "connection refused" in watcher.status()["last_error"]
         assert watcher.current() is good
@@ -139,7 +130,7 @@ def test_watcher_keeps_last_table_while_mlflow_is_down(
             adapter_registry.fetch(adapter_name, "2")
     finally:
         mlflow_server.restart()
-    assert wait_for(lambda: not watcher.is_stale, 30.0)
+    assert wait_until(lambda: not watcher.is_stale, 30.0)
     assert watcher.last_error is None
     assert watcher.current().route(adapter_name).champion == "1"
     assert watcher.last_success_unix > good.fetched_unix

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 from litestar.testing import TestClient
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -16,6 +15,7 @@ from gateway.settings import GatewaySettings
 from gateway.tenants import sha256_hex
 from loraplex.telemetry import exporting_is_configured, tracer_provider
 from tests.support.shard_server import running_shard, shard_test_settings
+from tests.support.waiting import wait_until
 
 KEY = "trace-tenant-key"
 
@@ -84,9 +84,7 @@ def test_a_completion_is_one_trace_across_gateway_and_shard(tmp_path, tiny_model
         )
         with TestClient(create_apps(settings, tracing=gateway_tracing).by_port()) as client:
             # On a loaded machine the start-up health check can time out; the next round joins it.
-            deadline = time.monotonic() + 10
-            while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            assert wait_until(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
             response = client.post(
                 "/v1/completions",
                 json={"model": adapter, "prompt": "hello", "max_tokens": 3},
