@@ -44,7 +44,7 @@ def test_a_refused_versions_reason_is_on_the_version_in_mlflow_within_seconds(fa
         refused = fs.complete(client, f"legal@{corrupt}")
         seen = time.monotonic()
     assert refused.status_code == 503, refused.text
-    tags = wait_for(lambda: (t := version_tags(fs, "legal", corrupt)).get(TAG_STATUS, "").startswith("refused: ") and t, STATUS_DEADLINE_S)
+    tags = wait_for(lambda: (t := version_tags(fs, "legal", corrupt)).get(TAG_STATUS, "").startswith("refused: ") and TAG_RESIDENT in t and t, STATUS_DEADLINE_S)
     elapsed = time.monotonic() - seen
     assert tags, f"no refused status on legal v{corrupt} {elapsed:.1f} s after the refusal: {version_tags(fs, 'legal', corrupt)}"
     assert "corrupt" in tags[TAG_STATUS], tags[TAG_STATUS]  # the shard's own reason
