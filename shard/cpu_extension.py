@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 # Headers the kernels include (``#include "cpu_vector_ops.h"``); part of every build's name.
 _INCLUDE_DIR = Path(__file__).parent
 _HEADERS = (_INCLUDE_DIR / "cpu_vector_ops.h",)
+# -fopenmp: at::parallel_for is a header template whose OpenMP pragma only splits work when the
+# kernel itself is compiled with OpenMP; without it every kernel ran on one thread. The library it
+# links (libgomp.so.1) resolves to the copy torch already loaded, so there is one OpenMP runtime
+# and one pool of worker threads.
+_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-strict-aliasing")
+_LDFLAGS = ("-fopenmp",)
 
 
 def _cpu_fingerprint() -> str:
@@ -38,12 +44,15 @@ def load_cpu_extension(source: Path, stem: str):
     try:
         from torch.utils.cpp_extension import load
 
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in (source, *_HEADERS))).hexdigest()[:8]
+        digest = hashlib.sha256(
+            b"".join(p.read_bytes() for p in (source, *_HEADERS)) + " ".join(_CFLAGS + _LDFLAGS).encode()
+        ).hexdigest()[:8]
         return load(
             name=f"{stem}_{_cpu_fingerprint()}_{digest}",
             sources=[str(source)],
             extra_include_paths=[str(_INCLUDE_DIR)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-strict-aliasing"],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
             verbose=False,
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path

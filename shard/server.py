@@ -35,6 +35,7 @@ from shard.engine import (
     QueueFullError,
     SamplingOptions,
 )
+from shard.intra_op_threads import run_in_ending_thread
 from shard.metrics import ShardMetrics
 from shard.settings import ShardSettings
 
@@ -468,7 +469,12 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     try:
         started = time.monotonic()
-        loading = asyncio.ensure_future(asyncio.to_thread(build_core, settings, metrics) if core is None else _ready(core))
+        # The model loads in a thread that ends: see shard.intra_op_threads.
+        loading = asyncio.ensure_future(
+            asyncio.wrap_future(run_in_ending_thread("model-loader", build_core, settings, metrics))
+            if core is None
+            else _ready(core)
+        )
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():

@@ -42,7 +42,8 @@ void delta_rows(act_t* out, const act_t* x, const pool_t* a, const pool_t* bt, c
                 int64_t out_row_stride) {
   constexpr bool fp32_act = std::is_same<act_t, float>::value;
   const int64_t segments = static_cast<int64_t>(first.size()) - 1;
-  at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
+  // Captured by value, as in decode_attention.cpp: OpenMP outlines the body.
+  at::parallel_for(0, segments, 1, [=, &first](int64_t begin, int64_t end) {
     std::vector<float> hidden(rank);
     std::vector<float> x_f32(fp32_act ? 0 : in_f), y_f32(fp32_act ? 0 : out_f);
     for (int64_t s = begin; s < end; ++s) {

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Collection, Protocol, runtime_checkable
 
 from loraplex.adapter_mix import DEFAULT_MAX_COMPONENTS, MixError, is_mix_folder, read_manifest
+from shard.intra_op_threads import confine_to_one_thread
 from shard.lora.errors import AdapterError, AdapterInUseError, AdapterLoadTimeout, AdapterRejectedError
 from shard.lora.keys import AdapterKey, AdapterMix
 from shard.lora.peft_adapter import HostAdapter, read_peft_adapter
@@ -400,6 +401,8 @@ class TieredAdapterCache:
         )
 
     def _loader_loop(self) -> None:
+        # Adapter tensors are small; a second multi-threaded pool would slow the engine's steps.
+        confine_to_one_thread()
         while True:
             key = self._queue.get()
             if key is None:
