@@ -70,11 +70,16 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
     """Load the base model (quantized), install multi-adapter LoRA and start the engine."""
     from shard.adapter_sources import adapter_source_for, base_model_fingerprint
     from shard.model_loading import load_base_model
+    from shard.packed_weights import pack_linear_weights
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     model_dir = Path(settings.model_dir)
     model, tokenizer = load_base_model(model_dir, settings.quantization, settings.device)
+    if settings.packed_weights:
+        packed = pack_linear_weights(model)
+        if packed:
+            log.info("%d bf16 projections compute through packed weights", packed)
     fingerprint = base_model_fingerprint(model_dir)
     source = adapter_source_for(settings, fingerprint)
     lora = None

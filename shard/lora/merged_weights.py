@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from shard.lora.errors import MergeRefusedError
+from shard.packed_weights import PackedLinear
 from shard.lora.slot_pool import AdapterSlotPool
 
 MERGEABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -31,7 +32,7 @@ def merge_refusal(base_layers: dict[str, nn.Module]) -> str | None:
     """Why these base projections cannot hold a merged adapter, or None when they can."""
     for name, layer in base_layers.items():
         weight = getattr(layer, "weight", None)
-        if type(layer) is not nn.Linear or weight is None or weight.dtype not in MERGEABLE_DTYPES:
+        if type(layer) not in (nn.Linear, PackedLinear) or weight is None or weight.dtype not in MERGEABLE_DTYPES:
             kind = type(layer).__name__
             dtype = getattr(weight, "dtype", None)
             return (
@@ -74,6 +75,7 @@ class MergedBaseWeights:
             a = pool.a[name][slot, :rank].to(torch.float32)
             b_t = pool.b_t[name][slot, :rank].to(torch.float32)
             weight.copy_(torch.addmm(weight.to(torch.float32), b_t.t(), a))
+            _refresh_packed(base_layers[name])
         return cls(slot, originals)
 
     @torch.no_grad()
@@ -81,7 +83,14 @@ class MergedBaseWeights:
         """Put every touched weight back to its bits before the merge."""
         for name, original in self._originals.items():
             base_layers[name].weight.copy_(original, non_blocking=False)
+            _refresh_packed(base_layers[name])
         self._originals = {}
+
+
+def _refresh_packed(layer: nn.Module) -> None:
+    """A packed layer computes from its packed copy: pack the edited weight again."""
+    if isinstance(layer, PackedLinear):
+        layer.repack()
 
 
 def rows_over_merged_base(rows: Sequence[Sequence[tuple[int, float]]], merged_slot: int) -> list[list[tuple[int, float]]]:

@@ -1,0 +1,91 @@
+"""bf16 projections computing through oneDNN-packed weights (shard.packed_weights) answer exactly
+what F.linear answers, and a merged hot adapter edits what they compute, not only the weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.synthetic_models import random_llama
+from shard.lora import AdapterKey, LocalAdapterSource, LoraManager
+from shard.packed_weights import PackedLinear, pack_linear_weights, packing_available
+from tests.support.shard_models import tiny_llama_config
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN (mkldnn) ops")
+
+
+def bf16_linear(bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(96, 160, bias=bias).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(5, 96), (4, 1, 96), (3, 7, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_packed_layer_answers_exactly_what_f_linear_answers(shape, bias):
+    linear = bf16_linear(bias)
+    packed = PackedLinear(linear)
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(packed(x), F.linear(x, linear.weight, linear.bias))
+    assert packed.weight is linear.weight and packed.bias is linear.bias  # the same parameters
+
+
+def test_a_strided_input_and_autograd_still_work():
+    packed = PackedLinear(bf16_linear())
+    x = torch.randn(4, 6, 96, dtype=torch.bfloat16)[:, -1:, :]  # a non-contiguous view
+    with torch.inference_mode():
+        # F.linear itself adds the bias separately on a strided input (one bf16 rounding more).
+        assert torch.equal(packed(x), F.linear(x.contiguous(), packed.weight, packed.bias))
+    y = packed(torch.randn(2, 96, dtype=torch.bfloat16))  # grad enabled: plain F.linear
+    assert y.requires_grad
+
+
+def test_only_plain_bf16_cpu_linears_are_packed():
+    model = random_llama(tiny_llama_config(), seed=0)
+    assert pack_linear_weights(model) == 0  # fp32: left as it is
+    model = model.to(torch.bfloat16)
+    plain = sum(type(m) is nn.Linear for m in model.modules())
+    assert pack_linear_weights(model) == plain > 0
+    assert not any(type(m) is nn.Linear for m in model.modules())
+
+
+def test_the_packed_model_gives_the_same_logits():
+    model = random_llama(tiny_llama_config(), seed=0).to(torch.bfloat16)
+    ids = torch.randint(3, 300, (3, 9))
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        pack_linear_weights(model)
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_a_merge_and_unmerge_change_what_packed_layers_compute(tiny_adapter_dirs):
+    """Merging writes W + B'A into the weight; the packed copy must follow, and the unmerge must
+    bring the packed copy back too."""
+    plain = random_llama(tiny_llama_config(), seed=0).to(torch.bfloat16)
+    packed = random_llama(tiny_llama_config(), seed=0).to(torch.bfloat16)
+    pack_linear_weights(packed)
+    managers = [
+        LoraManager.install(m, LocalAdapterSource(tiny_adapter_dirs), device_slots=4, max_rank=16, host_capacity=4,
+                            decode_kernel="torch")
+        for m in (plain, packed)
+    ]
+    key = AdapterKey("alpha", "local")
+    ids = torch.randint(3, 300, (2, 7))
+    try:
+        with torch.inference_mode():
+            before = packed(input_ids=ids).logits
+            for lora in managers:
+                lora.load(key)
+                lora.merge(key)
+            merged_plain = plain(input_ids=ids).logits  # F.linear over the merged weights
+            merged_packed = packed(input_ids=ids).logits
+            assert torch.equal(merged_packed, merged_plain)
+            assert not torch.equal(merged_packed, before)
+            for lora in managers:
+                lora.unmerge()
+            assert torch.equal(packed(input_ids=ids).logits, before)
+    finally:
+        for lora in managers:
+            lora.close()
