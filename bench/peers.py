@@ -275,8 +275,8 @@ def measure_workload(profile: PeerProfile, workload: str, names: list[str], vllm
     def run_alone(peer, requests: list[BenchRequest]) -> dict:
         # The other system is stopped (SIGSTOP) while one runs: an idle vLLM still wakes up to
         # poll its queues, and on 2 cores each wake-up stalls the running system's OpenMP
-        # barriers (measured: the shard's bf16 base at 476 tok/s beside an idle vLLM, 700-760
-        # alone). Both stay loaded, so nothing restarts between runs.
+        # barriers (measured: the shard's bf16 base at 476 tok/s beside an idle vLLM, 570-625
+        # with it stopped). Both stay loaded, so nothing restarts between runs.
         for other in peers.values():
             if other is not peer:
                 other.pause()

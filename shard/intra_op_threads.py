@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import threading
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)

@@ -60,7 +60,5 @@ def pack_linear_weights(model: nn.Module) -> int:
         if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in PACKABLE_DTYPES
     ]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(module))
+        model.set_submodule(name, PackedLinear(module))
     return len(targets)

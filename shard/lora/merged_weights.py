@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from shard.lora.errors import MergeRefusedError
-from shard.packed_weights import PackedLinear
 from shard.lora.slot_pool import AdapterSlotPool
+from shard.packed_weights import PackedLinear
 
 MERGEABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

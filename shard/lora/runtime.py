@@ -97,9 +97,7 @@ def install_multi_lora(
     batch_slots = BatchSlots()
     layers: dict[str, MultiLoraLinear] = {}
     for name, base_layer in found.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         layer = MultiLoraLinear(name, base_layer, pool, batch_slots, decode_kernel=kernel)
-        setattr(parent, child, layer)
+        model.set_submodule(name, layer)
         layers[name] = layer
     return LoraRuntime(pool, layers, batch_slots, uses_decode_kernel=kernel is not None)
