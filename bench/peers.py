@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -156,14 +155,7 @@ class VllmPeer:
         result = json.loads(result_path.read_text())
         return _run_result("vllm", result["seconds"], result["tokens"], result["ttft_s"], result["outputs"])
 
-    def pause(self) -> None:
-        self.process.signal_group(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.process.signal_group(signal.SIGCONT)
-
     def stop(self) -> None:
-        self.resume()  # a stopped process would not act on SIGTERM
         self.process.stop(grace_s=10)
 
 
@@ -231,14 +223,7 @@ class LoraplexPeer:
             raise RuntimeError(f"loraplex produced {tokens} tokens, {expected} were asked for")
         return _run_result("loraplex", seconds, tokens, [f for f, _ in answers], [t for _, t in answers])
 
-    def pause(self) -> None:
-        self.process.signal_group(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.process.signal_group(signal.SIGCONT)
-
     def stop(self) -> None:
-        self.resume()
         self.process.stop(grace_s=20)
 
 
@@ -279,8 +264,8 @@ def measure_workload(profile: PeerProfile, workload: str, names: list[str], vllm
         # with it stopped). Both stay loaded, so nothing restarts between runs.
         for other in peers.values():
             if other is not peer:
-                other.pause()
-        peer.resume()
+                other.process.pause()
+        peer.process.resume()
         return peer.run(requests)
 
     runs: dict[str, list[dict]] = {system: [] for system in peers}
@@ -304,7 +289,7 @@ def measure_workload(profile: PeerProfile, workload: str, names: list[str], vllm
                 + ", ".join(f"{system} {run['tokens_per_s']:.1f} tok/s" for system, run in pair.items()))
     finally:
         for peer in peers.values():
-            peer.resume()
+            peer.process.resume()
     summary = _summary(runs, pairs, GOALS[workload])
     summary["runs"] = {system: [_strip_outputs(r) for r in system_runs] for system, system_runs in runs.items()}
     summary["requests"] = len(requests)

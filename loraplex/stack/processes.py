@@ -98,10 +98,18 @@ class ManagedProcess:
         except ProcessLookupError:
             pass
 
+    def pause(self) -> None:
+        """SIGSTOP the whole group: it keeps its memory and uses no CPU until `resume`."""
+        self.signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal_group(signal.SIGCONT)
+
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM to the whole group, SIGKILL after `grace_s`; always reaps the child."""
         if self._popen is None:
             return
+        self.resume()  # a paused group would not act on SIGTERM until continued
         self.signal_group(signal.SIGTERM)
         try:
             self._popen.wait(timeout=grace_s)
