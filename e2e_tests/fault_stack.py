@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 from loraplex.stack.local_stack import LocalStack, LocalStackConfig, RunningStack, shard_is_serving
 from loraplex.stack.redis_server import RedisServer
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.waiting import wait_until
 
 MLFLOW_API = "/api/2.0/mlflow"
 
@@ -39,18 +38,6 @@ FAST_GATEWAY_ENV = {
     # any other gateway a test starts against this stack.
     "LORAPLEX_GATEWAY_WORKERS": "1",
 }
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float, step_s: float = 0.1):
-    """The first truthy value of `predicate` within `timeout_s`, else None (bounded poll)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(step_s)
 
 
 @dataclass
@@ -180,7 +167,7 @@ class FaultStack:
         process.wait_until(lambda: shard_is_serving(self.running.shard_addresses[shard_id]), timeout_s)
 
     def wait_in_ring(self, shard_id: str, present: bool, timeout_s: float) -> bool:
-        return bool(wait_for(lambda: (shard_id in self.shards_view()["ring"]["members"]) == present, timeout_s))
+        return bool(wait_until(lambda: (shard_id in self.shards_view()["ring"]["members"]) == present, timeout_s))
 
     def reload_routing(self) -> dict:
         reply = httpx.post(f"{self.gateway_admin_url}/admin/routing/reload", headers=self.admin_headers(), timeout=30)

@@ -13,8 +13,8 @@ import sys
 import openai
 import pytest
 
-from e2e_tests.fault_stack import wait_for
 from loraplex.adapter_mix import MixComponent
+from tests.support.waiting import wait_until
 
 MAX_TOKENS = 8
 WEIGHTS = {"legal": 0.7, "clinical": 0.3}
@@ -98,7 +98,7 @@ def test_a_registered_mix_is_served_as_a_canary_like_any_version(fault_stack, ch
     fs.set_alias("clinical", "canary", version.version)
     fs.set_model_tag("clinical", "loraplex.canary_percent", "100")
     try:
-        assert wait_for(lambda: fs.reload_routing()["adapters"]["clinical"]["canary"] == version.version, 10)
+        assert wait_until(lambda: fs.reload_routing()["adapters"]["clinical"]["canary"] == version.version, 10)
         raw = openai_client(fs).completions.with_raw_response.create(
             model="clinical", prompt=fs.running.demo_prompt, max_tokens=MAX_TOKENS, temperature=0
         )
@@ -117,7 +117,7 @@ def test_a_registered_mix_is_compared_as_a_shadow(fault_stack, champions):
     ).version
     fs.set_alias("sql", "shadow", version)
     try:
-        assert wait_for(lambda: fs.reload_routing()["adapters"]["sql"]["shadow"] == version, 10)
+        assert wait_until(lambda: fs.reload_routing()["adapters"]["sql"]["shadow"] == version, 10)
         with fs.http() as client:
             for i in range(3):
                 response = fs.complete(client, "sql", max_tokens=4, prompt=f"{fs.running.demo_prompt} ({i})")
@@ -129,7 +129,7 @@ def test_a_registered_mix_is_compared_as_a_shadow(fault_stack, champions):
                 ours = [p for p in view["pairs"] if p["shadow_version"] == version]
                 return ours if len(ours) >= 3 else None
 
-            ours = wait_for(pairs, 60, step_s=0.25)
+            ours = wait_until(pairs, 60, step_s=0.25)
         assert ours, "the mix version's shadow copies were not compared"
         assert all(p["primary_version"] == champions["sql"] and p["shadow_output"] for p in ours)
     finally:

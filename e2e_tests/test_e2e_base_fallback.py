@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import yaml
 from mlflow.tracking import MlflowClient
+from tests.support.waiting import wait_until
 
-from e2e_tests.fault_stack import wait_for
 
 ADAPTER = "fallback-e2e"  # its own registered model: no version of it ever served, so no last good one
 
@@ -27,12 +27,12 @@ def test_fallback_tag_set_in_mlflow_answers_with_the_base_model(fault_stack):
     fs.set_alias(ADAPTER, "champion", bad)
     _grant_to_acme(fs.running.tenants_file, ADAPTER)
     with fs.http() as client:
-        assert wait_for(lambda: fs.complete(client, ADAPTER).status_code == 503, 10.0), "the refusal should reach the client"
+        assert wait_until(lambda: fs.complete(client, ADAPTER).status_code == 503, 10.0), "the refusal should reach the client"
         refused = fs.complete(client, ADAPTER)
         assert refused.json()["error"]["code"] == "adapter_unavailable"
 
         MlflowClient(fs.mlflow_url).set_registered_model_tag(ADAPTER, "loraplex.fallback", "base")
-        assert wait_for(lambda: fs.complete(client, ADAPTER).status_code == 200, 10.0)
+        assert wait_until(lambda: fs.complete(client, ADAPTER).status_code == 200, 10.0)
         response = fs.complete(client, ADAPTER)
         assert response.headers["x-loraplex-route"] == "fallback"
         assert response.headers["x-loraplex-adapter"] == "base"

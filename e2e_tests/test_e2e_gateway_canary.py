@@ -10,8 +10,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from tests.support.waiting import wait_until
 
-from e2e_tests.fault_stack import wait_for
 
 ADAPTER = "clinical"
 CANARY_PERCENT = 30
@@ -29,7 +29,7 @@ def canary_versions(fault_stack):
     fs.set_alias(ADAPTER, "canary", canary)
     fs.set_model_tag(ADAPTER, "loraplex.canary_percent", str(CANARY_PERCENT))
     try:
-        seen = wait_for(lambda: fs.reload_routing()["adapters"][ADAPTER]["canary_percent"] == CANARY_PERCENT, 10)
+        seen = wait_until(lambda: fs.reload_routing()["adapters"][ADAPTER]["canary_percent"] == CANARY_PERCENT, 10)
         assert seen, "the gateway's routing table did not pick up the canary"
         yield champion, canary
     finally:

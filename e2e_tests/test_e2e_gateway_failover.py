@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 
 import httpx
+from tests.support.waiting import wait_until
 
-from e2e_tests.fault_stack import wait_for
 
 ADAPTER = "legal"
 LEAVE_RING_DEADLINE_S = 2.0  # issue 5: "a failed shard leaves the ring within 2 s"
@@ -71,10 +71,10 @@ def test_shard_killed_under_load_no_hang_failover_and_ring_exit(fault_stack):
     for thread in threads:
         thread.start()
     try:
-        assert wait_for(lambda: len(outcomes) >= 8, 120), "the load did not get going"
+        assert wait_until(lambda: len(outcomes) >= 8, 120), "the load did not get going"
         fs.stack.shards[victim].kill()
         killed_at = time.monotonic()
-        left = wait_for(lambda: victim not in fs.shards_view()["ring"]["members"], LEAVE_RING_DEADLINE_S + 1, step_s=0.05)
+        left = wait_until(lambda: victim not in fs.shards_view()["ring"]["members"], LEAVE_RING_DEADLINE_S + 1, step_s=0.05)
         left_after_s = time.monotonic() - killed_at
         assert left, f"{victim} still in the ring {left_after_s:.1f}s after SIGKILL"
         assert left_after_s <= LEAVE_RING_DEADLINE_S
@@ -82,7 +82,7 @@ def test_shard_killed_under_load_no_hang_failover_and_ring_exit(fault_stack):
         assert view[victim]["healthy"] is False and view[victim]["last_error"]
         assert view[victim]["address"] == fs.running.shard_addresses[victim]
         # Keep the load on until enough requests started after the kill have finished.
-        assert wait_for(lambda: sum(o.started > killed_at for o in outcomes if o.kind == "plain") >= 12, 120)
+        assert wait_until(lambda: sum(o.started > killed_at for o in outcomes if o.kind == "plain") >= 12, 120)
     finally:
         stop.set()
         for thread in threads:

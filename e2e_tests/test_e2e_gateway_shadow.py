@@ -11,7 +11,8 @@ import json
 
 import httpx
 
-from e2e_tests.fault_stack import MLFLOW_API, wait_for
+from e2e_tests.fault_stack import MLFLOW_API
+from tests.support.waiting import wait_until
 
 ADAPTER = "sql"
 REQUESTS = 15
@@ -29,7 +30,7 @@ def test_shadow_pairs_are_logged_served_and_aggregated_in_mlflow(fault_stack):
     shadow_run = fs.registry().resolve(ADAPTER, shadow).run_id
     fs.set_alias(ADAPTER, "shadow", shadow)
     try:
-        assert wait_for(lambda: fs.reload_routing()["adapters"][ADAPTER]["shadow"] == shadow, 10)
+        assert wait_until(lambda: fs.reload_routing()["adapters"][ADAPTER]["shadow"] == shadow, 10)
         with fs.http() as client:
             for i in range(REQUESTS):
                 response = fs.complete(client, ADAPTER, max_tokens=6, prompt=f"{fs.running.demo_prompt} ({i})")
@@ -44,7 +45,7 @@ def test_shadow_pairs_are_logged_served_and_aggregated_in_mlflow(fault_stack):
                 view = admin.get("/admin/shadow", params={"adapter": ADAPTER}, headers=fs.admin_headers()).json()
                 return view if len(view["pairs"]) >= 10 else None
 
-            view = wait_for(admin_view, 60, step_s=0.25)
+            view = wait_until(admin_view, 60, step_s=0.25)
         assert view, "fewer than 10 shadow pairs recorded"
         pair = view["pairs"][-1]
         assert PAIR_FIELDS <= set(pair)
@@ -67,7 +68,7 @@ def test_shadow_pairs_are_logged_served_and_aggregated_in_mlflow(fault_stack):
             metrics = {m["key"]: m for m in reply.json()["run"]["data"].get("metrics", [])}
             return metrics if RUN_METRICS <= set(metrics) and metrics["shadow_pairs"]["value"] >= 10 else None
 
-        metrics = wait_for(run_metrics, 30, step_s=0.5)
+        metrics = wait_until(run_metrics, 30, step_s=0.5)
         assert metrics, "the shadow aggregates did not reach the shadow version's MLflow run"
         assert metrics["shadow_pairs"]["step"] == int(metrics["shadow_pairs"]["value"])
         assert 0.0 <= metrics["shadow_token_agreement"]["value"] <= 1.0

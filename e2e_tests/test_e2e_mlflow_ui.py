@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from e2e_tests.fault_stack import MLFLOW_API, wait_for
+from e2e_tests.fault_stack import MLFLOW_API
+from tests.support.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 # No sandbox: CI runs as root, where Chromium's sandbox cannot start. The rest keeps a headless
@@ -69,7 +70,7 @@ def test_moving_champion_in_the_mlflow_ui_moves_traffic_and_the_version_shows_it
     try:
         # The candidate first runs as shadow, so its comparison with the champion reaches MLflow.
         fs.set_alias(ADAPTER, "shadow", candidate)
-        assert wait_for(lambda: fs.reload_routing()["adapters"][ADAPTER]["shadow"] == candidate, 10)
+        assert wait_until(lambda: fs.reload_routing()["adapters"][ADAPTER]["shadow"] == candidate, 10)
         with fs.http() as client:
             # Shadow copies beyond the shadow pool are shed, so send until ten pairs are logged.
             for i in range(40):
@@ -77,7 +78,7 @@ def test_moving_champion_in_the_mlflow_ui_moves_traffic_and_the_version_shows_it
                 assert reply.status_code == 200 and reply.headers["x-loraplex-version"] == champion, reply.text
                 if run_metrics(fs, candidate_run).get("shadow_pairs", 0) >= 10:
                     break
-            metrics = wait_for(lambda: (m := run_metrics(fs, candidate_run)).get("shadow_pairs", 0) >= 10 and m, 30, 0.5)
+            metrics = wait_until(lambda: (m := run_metrics(fs, candidate_run)).get("shadow_pairs", 0) >= 10 and m, 30, 0.5)
         assert metrics, "no shadow aggregate reached the candidate's run"
         fs.delete_alias(ADAPTER, "shadow")
 
@@ -96,7 +97,7 @@ def test_moving_champion_in_the_mlflow_ui_moves_traffic_and_the_version_shows_it
                 with fs.http() as client:
                     dialog.get_by_role("button", name="Save aliases").click()
                     clicked = time.monotonic()
-                    followed = wait_for(lambda: served_version(fs, client) == candidate, PROMOTION_DEADLINE_S, 0.1)
+                    followed = wait_until(lambda: served_version(fs, client) == candidate, PROMOTION_DEADLINE_S, 0.1)
                     elapsed = time.monotonic() - clicked
                 assert followed, f"traffic not on version {candidate} {elapsed:.1f} s after the click"
                 assert elapsed <= PROMOTION_DEADLINE_S
@@ -105,7 +106,7 @@ def test_moving_champion_in_the_mlflow_ui_moves_traffic_and_the_version_shows_it
 
                 # The version now serves: the gateway says so on it (its status, where it is
                 # loaded, its shadow summary), seen first through the REST API, then on its page.
-                tags = wait_for(
+                tags = wait_until(
                     lambda: (t := version_tags(fs, candidate)).get("loraplex.status") == "serving" and "loraplex.status.shadow" in t and t,
                     STATUS_DEADLINE_S, 0.2,
                 )

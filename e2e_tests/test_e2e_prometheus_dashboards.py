@@ -23,8 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from e2e_tests.fault_stack import wait_for
 from loraplex.stack.ports import free_port
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "compose" / "prometheus" / "alerts.yml"
@@ -85,7 +85,7 @@ class PrometheusServer:
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
-        ready = wait_for(lambda: self.process.poll() is None and self._ready(), 60, 0.25)
+        ready = wait_until(lambda: self.process.poll() is None and self._ready(), 60, 0.25)
         assert ready, f"prometheus not ready:\n{self.log_path.read_text()[-3000:]}"
         return self
 
@@ -132,7 +132,7 @@ def generate_load(fs) -> None:
                     assert reply.status_code == 200, reply.text
                 assert fs.complete(client, "no-such-adapter").status_code == 403
             fs.set_alias("legal", "champion", corrupt)
-            assert wait_for(lambda: fs.reload_routing()["adapters"]["legal"]["champion"] == corrupt, 5)
+            assert wait_until(lambda: fs.reload_routing()["adapters"]["legal"]["champion"] == corrupt, 5)
             # Two rounds a few scrapes apart: increase() sees a counter grow, not only appear.
             for round_ in range(2):
                 for _ in range(2):
@@ -158,7 +158,7 @@ def test_every_panel_query_and_rule_returns_data_from_a_real_prometheus(fault_st
             targets = prometheus.api("targets")["activeTargets"]
             return len(targets) == 1 + len(fs.running.shard_metrics_urls) and all(t["health"] == "up" for t in targets)
 
-        assert wait_for(targets_up, 30, 0.5), prometheus.api("targets")
+        assert wait_until(targets_up, 30, 0.5), prometheus.api("targets")
         generate_load(fs)
         time.sleep(4)  # a few more scrapes, so every rate() window holds two samples after the load
 
@@ -190,7 +190,7 @@ def test_every_panel_query_and_rule_returns_data_from_a_real_prometheus(fault_st
             alerts = prometheus.api("alerts")["alerts"]
             return [a for a in alerts if a["labels"]["alertname"] == "LoraplexChampionRefused" and a["state"] == "firing"]
 
-        firing = wait_for(refused_alert, 15, 0.5)
+        firing = wait_until(refused_alert, 15, 0.5)
         assert firing and firing[0]["labels"]["adapter"] == "legal"
         assert not [a for a in prometheus.api("alerts")["alerts"] if a["labels"]["alertname"] == "LoraplexShardDown"]
     finally:

@@ -11,8 +11,8 @@ import threading
 import time
 
 import httpx
+from tests.support.waiting import wait_until
 
-from e2e_tests.fault_stack import wait_for
 
 ADAPTER = "legal"
 PROMOTION_DEADLINE_S = 5.0  # issue 4: "reaches live traffic within 5 seconds"
@@ -33,7 +33,7 @@ def test_promotion_through_mlflow_rest_reaches_traffic_within_5s_and_rollback_re
         try:
             fs.set_alias(ADAPTER, "champion", new)
             promoted_at = time.monotonic()
-            seen = wait_for(lambda: served_version(fs, client) == new, PROMOTION_DEADLINE_S, step_s=0.05)
+            seen = wait_until(lambda: served_version(fs, client) == new, PROMOTION_DEADLINE_S, step_s=0.05)
             followed_s = time.monotonic() - promoted_at
             assert seen, f"champion moved to v{new} but answers still came from another version after {followed_s:.1f}s"
             assert followed_s <= PROMOTION_DEADLINE_S
@@ -45,7 +45,7 @@ def test_promotion_through_mlflow_rest_reaches_traffic_within_5s_and_rollback_re
             rolled_back = fs.registry().rollback(ADAPTER)
         assert rolled_back.version == before
         rolled_back_at = time.monotonic()
-        assert wait_for(lambda: served_version(fs, client) == before, PROMOTION_DEADLINE_S, step_s=0.05)
+        assert wait_until(lambda: served_version(fs, client) == before, PROMOTION_DEADLINE_S, step_s=0.05)
         assert time.monotonic() - rolled_back_at <= PROMOTION_DEADLINE_S
 
 
@@ -57,7 +57,7 @@ def test_corrupt_version_promoted_to_champion_does_not_take_over(fault_stack):
         assert served_version(fs, client) == good  # the gateway has seen the good version serve
         try:
             fs.set_alias(ADAPTER, "champion", bad)
-            assert wait_for(lambda: fs.reload_routing()["adapters"][ADAPTER]["champion"] == bad, PROMOTION_DEADLINE_S)
+            assert wait_until(lambda: fs.reload_routing()["adapters"][ADAPTER]["champion"] == bad, PROMOTION_DEADLINE_S)
             for _ in range(6):
                 response = fs.complete(client, ADAPTER)
                 assert response.status_code == 200, response.text
@@ -86,7 +86,7 @@ def test_corrupt_version_promoted_to_champion_does_not_take_over(fault_stack):
             assert fallback["last_good"][ADAPTER] == good and f"{ADAPTER}@{bad}" in fallback["refused"]
         finally:
             fs.set_alias(ADAPTER, "champion", good)
-        assert wait_for(lambda: fs.reload_routing()["adapters"][ADAPTER]["champion"] == good, PROMOTION_DEADLINE_S)
+        assert wait_until(lambda: fs.reload_routing()["adapters"][ADAPTER]["champion"] == good, PROMOTION_DEADLINE_S)
         assert served_version(fs, client) == good
 
 
@@ -114,16 +114,16 @@ def test_mlflow_restarted_while_requests_flow_fails_no_request_for_a_known_adapt
     sender = threading.Thread(target=send_requests, name="requests-during-mlflow-restart")
     sender.start()
     try:
-        assert wait_for(lambda: len(outcomes) >= 3, 60)
+        assert wait_until(lambda: len(outcomes) >= 3, 60)
         fs.stack.mlflow.stop()
         during_outage_from = len(outcomes)
-        stale = wait_for(lambda: httpx.get(f"{fs.gateway_url}/readyz", timeout=10).json()["routing_table_stale"], 10)
+        stale = wait_until(lambda: httpx.get(f"{fs.gateway_url}/readyz", timeout=10).json()["routing_table_stale"], 10)
         assert stale, "the gateway did not report its routing table stale while MLflow was down"
-        assert wait_for(lambda: len(outcomes) >= during_outage_from + 3, 60)
+        assert wait_until(lambda: len(outcomes) >= during_outage_from + 3, 60)
         served_during_outage = len(outcomes) - during_outage_from
         fs.stack.mlflow.start()
         restarted_at = len(outcomes)
-        assert wait_for(lambda: len(outcomes) >= restarted_at + 3, 60)
+        assert wait_until(lambda: len(outcomes) >= restarted_at + 3, 60)
     finally:
         stop.set()
         sender.join(timeout=120)
@@ -133,4 +133,4 @@ def test_mlflow_restarted_while_requests_flow_fails_no_request_for_a_known_adapt
     failed = [o for o in outcomes if o[1] != 200]
     assert failed == [], f"{len(failed)} of {len(outcomes)} requests failed: {failed[:5]}"
     assert served_during_outage >= 3
-    assert wait_for(lambda: not httpx.get(f"{fs.gateway_url}/readyz", timeout=10).json()["routing_table_stale"], 15)
+    assert wait_until(lambda: not httpx.get(f"{fs.gateway_url}/readyz", timeout=10).json()["routing_table_stale"], 15)

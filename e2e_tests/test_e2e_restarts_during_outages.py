@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import httpx
 
-from e2e_tests.fault_stack import wait_for
 from loraplex.stack.local_stack import gateway_is_ready
+from tests.support.waiting import wait_until
 
 RECORD_FILE = "gateway-serving-record.json"
 
@@ -80,7 +80,7 @@ def test_gateway_restarted_while_the_champion_is_refused_serves_the_last_good_ve
         assert greedy(fs, client, adapter).headers["x-loraplex-version"] == good
     try:
         fs.set_alias(adapter, "champion", bad)  # as the MLflow UI moves it
-        assert wait_for(lambda: fs.reload_routing()["adapters"][adapter]["champion"] == bad, 10)
+        assert wait_until(lambda: fs.reload_routing()["adapters"][adapter]["champion"] == bad, 10)
         with fs.http() as client:
             assert greedy(fs, client, adapter).headers["x-loraplex-version"] == good  # refused: falls back
 
@@ -110,4 +110,4 @@ def test_gateway_restarted_while_the_champion_is_refused_serves_the_last_good_ve
         if not fs.stack.mlflow.is_running():
             fs.stack.mlflow.start()
         fs.set_alias(adapter, "champion", good)
-        assert wait_for(lambda: fs.reload_routing()["adapters"][adapter]["champion"] == good, 10)
+        assert wait_until(lambda: fs.reload_routing()["adapters"][adapter]["champion"] == good, 10)

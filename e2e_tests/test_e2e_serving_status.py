@@ -11,11 +11,12 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e_tests.fault_stack import MLFLOW_API, wait_for
+from e2e_tests.fault_stack import MLFLOW_API
 from loraplex.stack.local_stack import gateway_is_ready
 from loraplex.stack.ports import free_port
 from loraplex.stack.processes import ManagedProcess
 from loraplex.serving_status import SERVING, TAG_RESIDENT, TAG_STATUS
+from tests.support.waiting import wait_until
 
 STATUS_DEADLINE_S = 10.0  # the stack writes every 0.5 s; MLflow and the shards share 2 busy cores
 
@@ -44,7 +45,7 @@ def test_a_refused_versions_reason_is_on_the_version_in_mlflow_within_seconds(fa
         refused = fs.complete(client, f"legal@{corrupt}")
         seen = time.monotonic()
     assert refused.status_code == 503, refused.text
-    tags = wait_for(lambda: (t := version_tags(fs, "legal", corrupt)).get(TAG_STATUS, "").startswith("refused: ") and TAG_RESIDENT in t and t, STATUS_DEADLINE_S)
+    tags = wait_until(lambda: (t := version_tags(fs, "legal", corrupt)).get(TAG_STATUS, "").startswith("refused: ") and TAG_RESIDENT in t and t, STATUS_DEADLINE_S)
     elapsed = time.monotonic() - seen
     assert tags, f"no refused status on legal v{corrupt} {elapsed:.1f} s after the refusal: {version_tags(fs, 'legal', corrupt)}"
     assert "corrupt" in tags[TAG_STATUS], tags[TAG_STATUS]  # the shard's own reason
@@ -63,7 +64,7 @@ def test_a_serving_version_says_serving_and_which_shards_hold_it(fault_stack):
         tags = version_tags(fs, "clinical", champion)
         return tags.get(TAG_STATUS) == SERVING and shard in tags.get(TAG_RESIDENT, "") and tags
 
-    tags = wait_for(serving_on_that_shard, STATUS_DEADLINE_S)
+    tags = wait_until(serving_on_that_shard, STATUS_DEADLINE_S)
     assert tags, version_tags(fs, "clinical", champion)
     assert any(part.startswith(f"{shard}:") and part.split(":")[1] in ("device", "host", "disk") for part in tags[TAG_RESIDENT].split(", "))
 
@@ -83,7 +84,7 @@ def test_two_gateway_processes_sharing_a_valkey_write_through_one_writer(fault_s
         second.wait_until(lambda: gateway_is_ready(f"http://127.0.0.1:{port}"), 120)
         admins = {"first": fs.gateway_admin_url, "second": f"http://127.0.0.1:{admin_port}"}
         # Both run their cycle every 0.5 s; the lease lets one of them write.
-        both = wait_for(lambda: (m := {n: status_metrics(u) for n, u in admins.items()}) and all(
+        both = wait_until(lambda: (m := {n: status_metrics(u) for n, u in admins.items()}) and all(
             "loraplex_gateway_serving_status_writer" in v for v in m.values()) and m, 10)
         assert both, "both gateways should report their serving-status role"
         writers = [n for n, m in both.items() if m["loraplex_gateway_serving_status_writer"] == 1]
@@ -98,7 +99,7 @@ def test_two_gateway_processes_sharing_a_valkey_write_through_one_writer(fault_s
             json={"name": "sql", "version": champion, "key": TAG_RESIDENT}, timeout=10,
         )
         assert reply.status_code == 200, reply.text
-        assert wait_for(lambda: TAG_RESIDENT in version_tags(fs, "sql", champion), STATUS_DEADLINE_S), "the tag was not written back"
+        assert wait_until(lambda: TAG_RESIDENT in version_tags(fs, "sql", champion), STATUS_DEADLINE_S), "the tag was not written back"
         time.sleep(1.5)  # three more cycles of both: the standby must still not have touched MLflow
         after = {n: status_metrics(u) for n, u in admins.items()}
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from e2e_tests.fault_stack import wait_for
 from e2e_tests.process_stack import ADAPTER, TENANT_KEY, process_stack, random_model
 from tests.support.raw_http import open_raw_stream
+from tests.support.waiting import wait_until
 
 MAX_TOKENS = 3000
 
@@ -33,13 +33,13 @@ def open_stream(url: str) -> socket.socket:
 
 def test_a_client_that_disconnects_frees_its_row_at_once(stack):
     sock = open_stream(stack.gateway_url)
-    assert wait_for(lambda: stack.shard_stats("shard-a").running == 1, 10)
+    assert wait_until(lambda: stack.shard_stats("shard-a").running == 1, 10)
     time.sleep(0.3)  # a few decode steps, so the step rate is known
     stats = stack.shard_stats("shard-a")
     step_s = 1.0 / stats.decode_tokens_per_s  # one running request: one token a step
     before, closed = stats.tokens_generated, time.monotonic()
     sock.close()
-    assert wait_for(lambda: stack.shard_stats("shard-a").running == 0, 5, 0.002)
+    assert wait_until(lambda: stack.shard_stats("shard-a").running == 0, 5, 0.002)
     freed_s = time.monotonic() - closed
     steps_after = stack.shard_stats("shard-a").tokens_generated - before
     print(f"row freed {freed_s * 1000:.0f} ms after the disconnect; {steps_after} decode steps ran meanwhile (a step: {step_s * 1000:.1f} ms)")

@@ -6,8 +6,8 @@ its gRPC call into the shard, with the adapter, version, tenant and shard as att
 from __future__ import annotations
 
 import uuid
+from tests.support.waiting import wait_until
 
-from e2e_tests.fault_stack import wait_for
 
 ADAPTER = "legal"
 
@@ -28,7 +28,7 @@ def test_one_request_is_one_trace_from_gateway_to_shard_with_its_attributes(faul
         found = [s for s in fs.traces.spans() if s.attributes.get("loraplex.request_id") == request_id]
         return found[0] if found else None
 
-    http_span = wait_for(request_span, 15, 0.2)
+    http_span = wait_until(request_span, 15, 0.2)
     assert http_span, "the gateway's span for the request never reached the OTLP receiver"
     assert http_span.service == "loraplex-gateway" and http_span.kind == "SERVER"
     assert {k: http_span.attributes.get(k) for k in ("loraplex.tenant", "loraplex.adapter", "loraplex.version", "loraplex.shard", "loraplex.assignment")} == {
@@ -43,7 +43,7 @@ def test_one_request_is_one_trace_from_gateway_to_shard_with_its_attributes(faul
         parents = {s.span_id for s in trace}
         return (trace, found[0]) if found and found[0].parent_span_id in parents else None
 
-    found = wait_for(shard_generate, 15, 0.2)
+    found = wait_until(shard_generate, 15, 0.2)
     assert found, "\n".join(
         f"{s.service} {s.kind} {s.name} trace={s.trace_id} span={s.span_id} parent={s.parent_span_id}"
         for s in fs.traces.spans()
