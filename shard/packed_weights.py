@@ -4,8 +4,10 @@ A bf16 `F.linear` on CPU goes through oneDNN, which reorders the weight into its
 every call; for a decode step's few rows that reorder costs as much as the product. Packing once at
 load takes it out of every step: measured on a 2-core Xeon with AMX at batch 32, 1.7-2x faster per
 projection (0.034 vs 0.060 ms at 768x768, 1.2 vs 2.1 ms for a 32,000-word LM head), with results
-bit-identical to `F.linear` (the same oneDNN kernel runs). fp32 weights stay on `F.linear`: their
-packed path differs by ~1e-6 and the fp32 answers are the ones compared against PEFT.
+bit-identical to `F.linear` (the same oneDNN kernel runs). fp32 weights are packed too: the 12
+layers of a 768-hidden model at batch 32 took 33.5 instead of 39 ms a step, and the results differ
+from `F.linear`'s by float rounding (~5e-6 absolute on outputs of ~1), far inside the 1e-4 the fp32
+answers are held to against PEFT.
 
 The cost is memory: the packed copy sits next to the weight, so a packed layer holds its weight
 twice. The weight stays the source of truth: whatever edits it in place (a merged hot adapter,
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACKABLE_DTYPES = (torch.bfloat16,)
+PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def packing_available() -> bool:

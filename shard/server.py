@@ -79,7 +79,7 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
     if settings.packed_weights:
         packed = pack_linear_weights(model)
         if packed:
-            log.info("%d bf16 projections compute through packed weights", packed)
+            log.info("%d projections compute through packed weights", packed)
     fingerprint = base_model_fingerprint(model_dir)
     source = adapter_source_for(settings, fingerprint)
     lora = None
@@ -110,6 +110,7 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
         prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
         prefix_block_tokens=settings.prefix_block_tokens,
         decode_attention=settings.decode_attention,
+        fused_forward=settings.fused_forward,
         lora=lora,
         metrics=metrics,
     ).start()

@@ -61,9 +61,14 @@ class ShardSettings(LayeredSettings):
     # Decode steps on CPU attend through a compiled kernel over the KV cache (built once, ~1 min);
     # false: the model's own SDPA.
     decode_attention: bool = True
-    # bf16 base weights on CPU compute through a copy pre-packed for oneDNN (shard.packed_weights:
-    # 1.7-2x faster per projection at decode, identical results) and so sit in memory twice;
-    # false: plain F.linear. No effect on fp32, NF4, INT8 or CUDA.
+    # Llama models run the engine's own forward: the model's modules, with residual add + RMSNorm,
+    # rotary embedding and SiLU*up as fused CPU kernels (shard.engine.llama_forward, built once,
+    # ~1 min; AVX-512 CPUs). false, or any other model: the model's own forward.
+    fused_forward: bool = True
+    # bf16 and fp32 base weights on CPU compute through a copy pre-packed for oneDNN
+    # (shard.packed_weights: bf16 1.7-2x faster per projection at decode with identical results,
+    # fp32 ~15% faster within float rounding) and so sit in memory twice; false: plain F.linear.
+    # No effect on NF4, INT8 or CUDA.
     packed_weights: bool = True
     # Adapters come from the MLflow registry (tracking URI + local download cache) or, with
     # adapter_dirs set, from local folders (name -> folder, version "local").

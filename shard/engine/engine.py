@@ -25,6 +25,8 @@ from shard.engine.errors import (
     PromptTooLongError,
 )
 from shard.engine.kv_cache import SlotKVCache
+from shard.engine.llama_forward import LlamaForward
+from shard.engine.llama_forward import supports as llama_forward_supports
 from shard.engine.prefix_cache import PrefixCache
 from shard.engine.requests import (
     FinishReason,
@@ -117,16 +119,20 @@ class Engine:
         prefix_cache_bytes: int = 0,
         prefix_block_tokens: int = 16,
         decode_attention: bool = True,
+        fused_forward: bool = True,
         hot_merge_policy: HotAdapterPolicy | None = None,
     ) -> None:
         """``decode_attention``: decode steps on CPU attend through the compiled kernel
-        (shard.engine.attention) where it builds; False keeps the model's own attention."""
+        (shard.engine.attention) where it builds; False keeps the model's own attention.
+        ``fused_forward``: Llama models run the engine's own forward with fused elementwise
+        kernels (shard.engine.llama_forward); False, or any other model, runs the model's forward."""
         attention = str(getattr(model.config, "_attn_implementation", "") or "")
         if attention.startswith("flash") or "paged" in attention:
             # These kernels ignore a 4D mask; rows of different lengths would attend to garbage.
             raise ValueError(f"attention implementation {attention!r} is not supported; use sdpa or eager")
         self.model = model
         self.decode_attention = decode_attention and use_decode_attention(model)
+        self._model_forward = LlamaForward(model) if fused_forward and llama_forward_supports(model) else model
         self.tokenizer = tokenizer
         self.max_context = self._context_limit(model, max_context)
         self.default_max_tokens = default_max_tokens
@@ -511,7 +517,7 @@ class Engine:
         )
         try:
             with adapters:
-                out = self.model(
+                out = self._model_forward(
                     input_ids=ids,
                     attention_mask=plan.attention_mask,
                     position_ids=plan.position_ids,

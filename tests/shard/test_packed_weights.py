@@ -1,5 +1,6 @@
-"""bf16 projections computing through oneDNN-packed weights (shard.packed_weights) answer exactly
-what F.linear answers, and a merged hot adapter edits what they compute, not only the weight."""
+"""Projections computing through oneDNN-packed weights (shard.packed_weights) answer what F.linear
+answers (bf16 exactly, fp32 within float rounding), and a merged hot adapter edits what they
+compute, not only the weight."""
 
 from __future__ import annotations
 
@@ -42,13 +43,28 @@ def test_a_strided_input_and_autograd_still_work():
     assert y.requires_grad
 
 
-def test_only_plain_bf16_cpu_linears_are_packed():
-    model = random_llama(tiny_llama_config(), seed=0)
-    assert pack_linear_weights(model) == 0  # fp32: left as it is
-    model = model.to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_fp32_and_bf16_cpu_linears_are_packed(dtype):
+    model = random_llama(tiny_llama_config(), seed=0).to(dtype)
     plain = sum(type(m) is nn.Linear for m in model.modules())
     assert pack_linear_weights(model) == plain > 0
     assert not any(type(m) is nn.Linear for m in model.modules())
+
+
+def test_fp16_linears_are_left_as_they_are():
+    model = random_llama(tiny_llama_config(), seed=0).to(torch.float16)
+    assert pack_linear_weights(model) == 0
+
+
+@pytest.mark.parametrize("shape", [(5, 96), (3, 7, 96)])
+def test_a_packed_fp32_layer_answers_what_f_linear_answers_within_rounding(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160)
+    packed = PackedLinear(linear)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        # oneDNN's packed kernel sums in another order than F.linear's: float rounding apart.
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_the_packed_model_gives_the_same_logits():
