@@ -148,6 +148,7 @@ class Engine:
             max_context=self.max_context,
             dtype=embeddings.dtype,
             initial_context=initial_kv_columns,
+            token_scatter=self._model_forward.fused_ops if isinstance(self._model_forward, LlamaForward) else None,
         )
         self.scheduler = Scheduler(max_batch=max_batch_size, max_queue=max_queue, rows=self.cache)
         self.prefix_cache = (

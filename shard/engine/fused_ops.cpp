@@ -208,6 +208,45 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
   return out;
 }
 
+// cache[row[n], :, pos[n], :] = src[batch[n], :, step[n], :] for every n: the tokens of one forward
+// written into their KV-cache rows and columns, one contiguous head vector at a time. Stock ops
+// do it as a gather of the source and an indexed put, two passes with index checks (~13% of a
+// bf16 prefill on a 2-core CPU).
+void scatter_tokens_(torch::Tensor cache, torch::Tensor src, torch::Tensor batch, torch::Tensor step,
+                     torch::Tensor row, torch::Tensor pos) {
+  TORCH_CHECK(cache.device().is_cpu() && src.device().is_cpu(), "scatter_tokens_: CPU tensors only");
+  TORCH_CHECK(cache.dim() == 4 && src.dim() == 4, "scatter_tokens_: cache [rows, heads, columns, dim], src [B, heads, W, dim]");
+  TORCH_CHECK(cache.scalar_type() == src.scalar_type(), "scatter_tokens_: cache and src share a dtype");
+  TORCH_CHECK(cache.size(1) == src.size(1) && cache.size(3) == src.size(3), "scatter_tokens_: heads and dim must match");
+  TORCH_CHECK(cache.stride(3) == 1 && src.stride(3) == 1, "scatter_tokens_: the head dimension must be contiguous");
+  for (const auto* index : {&batch, &step, &row, &pos}) {
+    TORCH_CHECK(index->scalar_type() == torch::kLong && index->dim() == 1 && index->is_contiguous() &&
+                    index->size(0) == batch.size(0),
+                "scatter_tokens_: four int64 index vectors of one length");
+  }
+  const int64_t n = batch.size(0), heads = src.size(1), dim = src.size(3);
+  const int64_t bytes = dim * src.element_size();
+  const int64_t* b = batch.data_ptr<int64_t>();
+  const int64_t* w = step.data_ptr<int64_t>();
+  const int64_t* r = row.data_ptr<int64_t>();
+  const int64_t* c = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(b[i] >= 0 && b[i] < src.size(0) && w[i] >= 0 && w[i] < src.size(2), "scatter_tokens_: source index out of range");
+    TORCH_CHECK(r[i] >= 0 && r[i] < cache.size(0) && c[i] >= 0 && c[i] < cache.size(2), "scatter_tokens_: cache index out of range");
+  }
+  char* dst = static_cast<char*>(cache.data_ptr());
+  const char* from = static_cast<const char*>(src.data_ptr());
+  const int64_t es = src.element_size();
+  const int64_t cs0 = cache.stride(0) * es, cs1 = cache.stride(1) * es, cs2 = cache.stride(2) * es;
+  const int64_t ss0 = src.stride(0) * es, ss1 = src.stride(1) * es, ss2 = src.stride(2) * es;
+  at::parallel_for(0, n * heads, 256, [=](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t i = j / heads, h = j % heads;
+      std::memcpy(dst + r[i] * cs0 + h * cs1 + c[i] * cs2, from + b[i] * ss0 + h * ss1 + w[i] * ss2, bytes);
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -221,4 +260,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of x's rows (after x += delta in place, when delta is given)");
   m.def("rotary_", &rotary_, "rotary position embedding of [batch, tokens, heads, dim], in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("scatter_tokens_", &scatter_tokens_, "cache[row[n], :, pos[n]] = src[batch[n], :, step[n]]");
 }

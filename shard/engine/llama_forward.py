@@ -75,6 +75,11 @@ class LlamaForward:
     def uses_fused_kernels(self) -> bool:
         return self._ops is not None
 
+    @property
+    def fused_ops(self):
+        """The fused kernels this forward uses (the engine's cache writes tokens with them), or None."""
+        return self._ops
+
     # --- the elementwise steps: fused kernel on CPU, the modules' own math elsewhere ----------
 
     def _fits(self, *tensors: torch.Tensor) -> bool:

@@ -119,3 +119,46 @@ def test_columns_grow_on_demand_and_keep_contents():
     assert torch.equal(cache.keys[0][0, :, :3], k[0]) and torch.equal(cache.keys[0][1, :, :2], k[1, :, 1:])
     cache.plan([0], [17])  # capped at max_context
     assert cache.columns == 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_token_scatter_writes_what_indexed_assignment_writes(dtype):
+    from shard.engine.llama_forward import load_fused_ops
+
+    ops = load_fused_ops()
+    if ops is None:
+        pytest.skip("the fused kernels need a C++ compiler and an AVX-512 CPU")
+
+    def cache(token_scatter):
+        return SlotKVCache(num_layers=1, max_batch=4, max_context=16, num_kv_heads=2, head_dim=8,
+                           dtype=dtype, device="cpu", token_scatter=token_scatter)
+
+    stock, fused = cache(None), cache(ops)
+    g = torch.Generator().manual_seed(7)
+    # A prefill of rows of different lengths into rows 2 and 0, then a decode step over rows 0..3
+    # (rows 1 and 3 joined by a prefill of their own), each source a strided [B, H, W, D] view.
+    for rows, counts in (([2, 0], [3, 5]), ([1, 3], [1, 2]), ([0, 1, 2, 3], [1, 1, 1, 1])):
+        source = torch.randn(len(rows), max(counts), 2, 8, generator=g).to(dtype).transpose(1, 2)
+        read = []
+        for c in (stock, fused):
+            c.plan(rows, counts)
+            read.append(c.update(source, source * 2, 0))
+            c.commit()
+        (stock_keys, stock_values), (fused_keys, fused_values) = read
+        assert torch.equal(fused_keys, stock_keys) and torch.equal(fused_values, stock_values)
+        assert torch.equal(fused.keys[0], stock.keys[0]) and torch.equal(fused.values[0], stock.values[0])
+    assert fused.lengths == stock.lengths == [6, 2, 4, 3]
+
+
+def test_the_fused_token_scatter_refuses_indices_out_of_range():
+    from shard.engine.llama_forward import load_fused_ops
+
+    ops = load_fused_ops()
+    if ops is None:
+        pytest.skip("the fused kernels need a C++ compiler and an AVX-512 CPU")
+    cache = torch.zeros(2, 2, 4, 8)
+    source = torch.ones(1, 2, 1, 8)
+    one = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.scatter_tokens_(cache, source, one, one, one, torch.tensor([4]))
+    assert not cache.any()  # nothing written
