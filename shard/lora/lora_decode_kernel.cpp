@@ -77,6 +77,72 @@ void delta_rows(act_t* out, const act_t* x, const pool_t* a, const pool_t* bt, c
   });
 }
 
+#if defined(__AVX512F__)
+// bf16 activations over bf16 pools, the shard's bf16 default: the same sums, with fewer
+// instructions per byte read (the generic loop widened every element and read and wrote the fp32
+// output row once per rank; it reached ~14 GB/s on a 2-core Xeon against ~22 for fp32 pools).
+// x @ A.T multiplies bf16 pairs straight into fp32 accumulators (AVX512-BF16's dot instruction,
+// where the CPU has it); the output is built 16 columns at a time in registers, summing every
+// entry's rank terms before the single rounding into the bf16 output.
+void delta_rows_bf16(uint16_t* out, const uint16_t* x, const uint16_t* a, const uint16_t* bt, const int64_t* rows,
+                     const int64_t* slots, const float* weights, const std::vector<int64_t>& first, int64_t tokens,
+                     int64_t rank, int64_t in_f, int64_t out_f, int64_t pool_rank) {
+  const int64_t segments = static_cast<int64_t>(first.size()) - 1;
+  at::parallel_for(0, segments, 1, [=, &first](int64_t begin, int64_t end) {
+    std::vector<float> x_f32(in_f), hidden;
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t row = rows[first[s]], count = first[s + 1] - first[s];
+      hidden.assign(count * rank, 0.f);
+      for (int64_t t = 0; t < tokens; ++t) {
+        const uint16_t* xr = x + (row * tokens + t) * in_f;
+        uint16_t* y = out + (row * tokens + t) * out_f;
+#if !defined(__AVX512BF16__)
+        widen(x_f32.data(), xr, in_f);
+#endif
+        for (int64_t e = 0; e < count; ++e) {
+          const uint16_t* a_slot = a + slots[first[s] + e] * pool_rank * in_f;
+          const float w = weights ? weights[first[s] + e] : 1.f;
+          for (int64_t j = 0; j < rank; ++j) {
+            const uint16_t* ar = a_slot + j * in_f;
+#if defined(__AVX512BF16__)
+            __m512 acc = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 32 <= in_f; k += 32) {
+              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(ar + k), (__m512bh)_mm512_loadu_si512(xr + k));
+            }
+            float sum = _mm512_reduce_add_ps(acc);
+            for (; k < in_f; ++k) sum += to_float(ar[k]) * to_float(xr[k]);
+            hidden[e * rank + j] = w * sum;
+#else
+            hidden[e * rank + j] = w * dot(ar, x_f32.data(), in_f);
+#endif
+          }
+        }
+        int64_t c = 0;
+        for (; c + 16 <= out_f; c += 16) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t e = 0; e < count; ++e) {
+            const uint16_t* b_slot = bt + slots[first[s] + e] * pool_rank * out_f + c;
+            for (int64_t j = 0; j < rank; ++j) {
+              acc = _mm512_fmadd_ps(_mm512_set1_ps(hidden[e * rank + j]), load16(b_slot + j * out_f), acc);
+            }
+          }
+          store16(y + c, _mm512_add_ps(load16(y + c), acc));
+        }
+        for (; c < out_f; ++c) {
+          float acc = 0.f;
+          for (int64_t e = 0; e < count; ++e) {
+            const uint16_t* b_slot = bt + slots[first[s] + e] * pool_rank * out_f + c;
+            for (int64_t j = 0; j < rank; ++j) acc += hidden[e * rank + j] * to_float(b_slot[j * out_f]);
+          }
+          y[c] = to_bf16(to_float(y[c]) + acc);
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <typename act_t>
 void dispatch_pool(act_t* out, const act_t* x, torch::Tensor a_pool, torch::Tensor bt_pool, const int64_t* rows,
                    const int64_t* slots, const float* weights, const std::vector<int64_t>& first, int64_t tokens,
@@ -87,6 +153,14 @@ void dispatch_pool(act_t* out, const act_t* x, torch::Tensor a_pool, torch::Tens
                              first, tokens, rank, in_f, out_f, pool_rank, tokens * in_f, tokens * out_f);
   } else {
     TORCH_CHECK(a_pool.scalar_type() == torch::kBFloat16, "pools must be fp32 or bf16");
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<act_t, uint16_t>::value) {
+      delta_rows_bf16(out, x, reinterpret_cast<const uint16_t*>(a_pool.data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(bt_pool.data_ptr<at::BFloat16>()), rows, slots, weights, first,
+                      tokens, rank, in_f, out_f, pool_rank);
+      return;
+    }
+#endif
     delta_rows<act_t, uint16_t>(out, x, reinterpret_cast<const uint16_t*>(a_pool.data_ptr<at::BFloat16>()),
                                 reinterpret_cast<const uint16_t*>(bt_pool.data_ptr<at::BFloat16>()), rows, slots,
                                 weights, first, tokens, rank, in_f, out_f, pool_rank, tokens * in_f,

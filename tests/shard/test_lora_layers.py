@@ -308,3 +308,30 @@ def test_bad_rows_are_refused(tiny_llama, adapter_dirs):
     for weight in (float("nan"), float("inf"), "1", True):
         with pytest.raises(ValueError, match="finite"):
             runtime.set_batch_rows([[(0, weight)]])
+
+
+@pytest.mark.parametrize("in_f, out_f", [(96, 160), (100, 70)])  # 100/70: rows that end off the vector width
+def test_the_bf16_kernel_adds_each_rows_entries_like_fp32_math(in_f, out_f):
+    """bf16 activations over bf16 pools take the kernel's own bf16 loop; its sums are fp32 and the
+    output is rounded once, so it stays within one bf16 rounding of the fp32 computation."""
+    from shard.lora.cpu_kernel import load_cpu_kernel
+
+    kernel = load_cpu_kernel()
+    if kernel is None:
+        pytest.skip("the C++ LoRA kernel could not be built here")
+    g = torch.Generator().manual_seed(5)
+    slots, pool_rank, rank = 4, 16, 12
+    a = (torch.randn(slots, pool_rank, in_f, generator=g) * 0.1).to(torch.bfloat16)
+    bt = (torch.randn(slots, pool_rank, out_f, generator=g) * 0.1).to(torch.bfloat16)
+    x = torch.randn(3, 2, in_f, generator=g).to(torch.bfloat16)
+    out = torch.randn(3, 2, out_f, generator=g).to(torch.bfloat16)
+    rows, entry_slots = torch.tensor([0, 0, 2]), torch.tensor([3, 1, 1])  # row 0 mixes two adapters
+    weights = torch.tensor([0.5, -1.5, 1.0])
+    want = out.float().clone()
+    for row, slot, w in zip(rows.tolist(), entry_slots.tolist(), weights.tolist()):
+        hidden = x[row].float() @ a[slot, :rank].float().T * w
+        want[row] += hidden @ bt[slot, :rank].float()
+    got = out.clone()
+    kernel.lora_delta_add_(got, x, a, bt, rows, entry_slots, weights, rank)
+    assert torch.equal(got[1], out[1])  # a row without entries is left alone
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)
