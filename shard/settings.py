@@ -38,6 +38,10 @@ class ShardSettings(LayeredSettings):
     max_context: int = 2048  # also capped by the model's max_position_embeddings
     default_max_tokens: int = 256
     prefill_chunk_tokens: int = 512  # prompt tokens per step, so a long prompt never stalls decoding
+    # An idle engine that receives a request waits until no other has arrived for this long (at
+    # most 10 windows) so a burst is prefilled as one batch; running requests are never held up.
+    # 0: start on the first arrival.
+    admission_window_ms: float = 2.0
     # KV of prompt prefixes kept for reuse by later requests on the same adapter version (0 = off),
     # in blocks of prefix_block_tokens tokens; least recently used blocks are evicted.
     prefix_cache_mb: int = 256
@@ -121,8 +125,8 @@ class ShardSettings(LayeredSettings):
             raise SettingsError("host_cache_bytes must be positive and disk_cache_bytes >= 0")
         if self.prefix_cache_mb < 0 or self.prefix_block_tokens < 1:
             raise SettingsError("prefix_cache_mb must be >= 0 and prefix_block_tokens >= 1")
-        if self.max_queue < 0 or self.torch_threads < 0 or self.drain_timeout_s < 0:
-            raise SettingsError("max_queue, torch_threads and drain_timeout_s must be >= 0")
+        if self.max_queue < 0 or self.torch_threads < 0 or self.drain_timeout_s < 0 or self.admission_window_ms < 0:
+            raise SettingsError("max_queue, torch_threads, drain_timeout_s and admission_window_ms must be >= 0")
         if self.drain_step_s <= 0:
             raise SettingsError("drain_step_s must be positive")
         if self.drain_timeout_s and self.drain_timeout_s < self.longest_answer_s():

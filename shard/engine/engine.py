@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The longest an idle engine lets a burst gather, in admission windows.
+_BURST_WINDOWS = 10
 # How long a request waits before asking the LoRA manager again about an adapter that is still
 # loading, when no "ready" notification arrived.
 _ADAPTER_RETRY_S = 0.05
@@ -120,12 +122,16 @@ class Engine:
         prefix_block_tokens: int = 16,
         decode_attention: bool = True,
         fused_forward: bool = True,
+        admission_window_s: float = 0.0,
         hot_merge_policy: HotAdapterPolicy | None = None,
     ) -> None:
         """``decode_attention``: decode steps on CPU attend through the compiled kernel
         (shard.engine.attention) where it builds; False keeps the model's own attention.
         ``fused_forward``: Llama models run the engine's own forward with fused elementwise
-        kernels (shard.engine.llama_forward); False, or any other model, runs the model's forward."""
+        kernels (shard.engine.llama_forward); False, or any other model, runs the model's forward.
+        ``admission_window_s``: when the engine is idle and requests arrive, it waits until none
+        has arrived for this long (at most ``_BURST_WINDOWS`` windows, or until the rows are full)
+        before the first prefill, so a burst is prefilled as one batch; 0 starts at once."""
         attention = str(getattr(model.config, "_attn_implementation", "") or "")
         if attention.startswith("flash") or "paged" in attention:
             # These kernels ignore a 4D mask; rows of different lengths would attend to garbage.
@@ -137,6 +143,7 @@ class Engine:
         self.max_context = self._context_limit(model, max_context)
         self.default_max_tokens = default_max_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.admission_window_s = admission_window_s
         self.lora = lora  # None: this engine serves the base model only
         self.record_logits = record_logits
         self.metrics = metrics  # shard.metrics.ShardMetrics, or None
@@ -370,6 +377,8 @@ class Engine:
                 with self._lock:
                     while not self._stop and not self._has_work():
                         self._lock.wait(timeout=_ADAPTER_RETRY_S if self.scheduler.waiting else None)
+                    if self.admission_window_s > 0 and self.scheduler.running == 0:
+                        self._gather_burst()
                     if self._stop:
                         break
                 try:
@@ -383,6 +392,21 @@ class Engine:
                 for _, _, future in self._merge_requests:
                     future.set_exception(EngineClosedError("the shard is shutting down"))
                 self._merge_requests.clear()
+
+    def _gather_burst(self) -> None:
+        """Called idle, with the lock held, once requests wait: let the rest of a burst arrive.
+        Requests that reach a server together (a client's batch, a gateway's fan-out) still land
+        one by one; starting on the first leaves the rest for a second prefill a whole prefill
+        later (measured over gRPC: 32 requests prefilled in two steps, first tokens 0.4-0.65 s
+        against 0.33 s for one batch). Running requests are never held up: only an idle engine
+        waits."""
+        deadline = time.monotonic() + self.admission_window_s * _BURST_WINDOWS
+        seen = len(self.scheduler.waiting)
+        while not self._stop and seen < self.scheduler.free_rows and time.monotonic() < deadline:
+            self._lock.wait(timeout=self.admission_window_s)
+            if len(self.scheduler.waiting) == seen:
+                return  # a whole window without a new arrival: the burst is in
+            seen = len(self.scheduler.waiting)
 
     def run_once(self) -> bool:
         """One iteration of the loop: retire cancelled requests, admit waiting ones, prefill,

@@ -261,3 +261,52 @@ def test_other_architectures_match_generate(arch):
     run_until_idle(engine)
     for (ids, n), handle in zip(specs, handles):
         assert collect(handle)[0] == reference_tokens(model, ids, n)
+
+
+def prefill_steps(metrics) -> tuple[float, float]:
+    """(prefill forwards, rows they carried) as the shard exports them."""
+    get = metrics.registry.get_sample_value
+    return get("loraplex_shard_step_rows_count", {"phase": "prefill"}), get("loraplex_shard_step_rows_sum", {"phase": "prefill"})
+
+
+def test_an_idle_engine_prefills_a_burst_as_one_batch_and_a_late_request_alone(tiny_llama):
+    import time
+
+    from shard.metrics import ShardMetrics
+
+    model, tokenizer = tiny_llama
+    metrics = ShardMetrics("t")
+    engine = Engine(model, tokenizer, max_batch_size=4, max_context=128, metrics=metrics,
+                    admission_window_s=0.1).start()
+    try:
+        handles = []
+        for i in range(3):  # arrivals 30 ms apart, each inside the 100 ms window of the one before
+            handles.append(engine.submit(GenerationRequest(str(i), prompt_ids=prompt(i, 5), sampling=SamplingOptions(max_tokens=3))))
+            time.sleep(0.03)
+        for handle in handles:
+            collect(handle)
+        assert prefill_steps(metrics) == (1, 3)
+        # Once idle again, a request alone waits one window with nothing arriving, then runs.
+        started = time.monotonic()
+        collect(engine.submit(GenerationRequest("late", prompt_ids=prompt(9, 5), sampling=SamplingOptions(max_tokens=2))))
+        assert 0.1 <= time.monotonic() - started < 5
+        assert prefill_steps(metrics) == (2, 4)
+    finally:
+        engine.stop(timeout=10)
+
+
+def test_a_full_batch_does_not_wait_for_the_window(tiny_llama):
+    import time
+
+    model, tokenizer = tiny_llama
+    engine = Engine(model, tokenizer, max_batch_size=2, max_context=128, admission_window_s=30.0)
+    handles = [engine.submit(GenerationRequest(str(i), prompt_ids=prompt(i, 4), sampling=SamplingOptions(max_tokens=2)))
+               for i in range(2)]
+    started = time.monotonic()
+    engine.start()  # both rows already asked for: no window to wait out
+    try:
+        for handle in handles:
+            collect(handle)
+        assert time.monotonic() - started < 20
+    finally:
+        engine.stop(timeout=10)

@@ -29,6 +29,7 @@ def test_toml_file(tmp_path):
     ({"model_dir": "/m", "colour": "blue"}, "unknown"),
     ({"model_dir": "/m", "registry_tracking_uri": "http://x"}, "adapter_cache_dir"),
     ({"model_dir": "/m", "device": "tpu"}, "device"),
+    ({"model_dir": "/m", "admission_window_ms": -1}, "admission_window_ms"),
 ])
 def test_bad_settings_are_refused_clearly(values, message):
     with pytest.raises(SettingsError, match=message):
