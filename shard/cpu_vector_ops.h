@@ -1,5 +1,6 @@
 // Vector helpers shared by the shard's C++ CPU kernels (shard/lora/lora_decode_kernel.cpp,
-// shard/engine/decode_attention.cpp): fp32 or bf16 rows widened to fp32 in registers.
+// shard/engine/decode_attention.cpp, shard/engine/fused_ops.cpp): fp32 or bf16 rows widened to
+// fp32 in registers, rounded back to bf16, and exp.
 #pragma once
 #include <cstdint>
 #include <cstring>

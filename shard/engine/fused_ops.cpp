@@ -1,5 +1,6 @@
 // The elementwise parts of a Llama-family decoder layer, fused for CPU (fp32 or bf16 activations):
-// RMSNorm (optionally after the residual add), rotary position embedding in place, SiLU(gate)*up.
+// RMSNorm (optionally after the residual add), rotary position embedding in place, SiLU(gate)*up;
+// and the copy of a forward's keys/values into the engine's KV cache (scatter_tokens_).
 // Each is one pass over its rows instead of the 4-7 separate ops (each a full read and write of
 // the activations, each with its own OpenMP region) that the stock modules run; on a 2-core CPU
 // those ops were ~20% of a bf16 prefill and ~15% of a decode step. Every intermediate that the
