@@ -2,6 +2,7 @@
 // shard/engine/decode_attention.cpp, shard/engine/fused_ops.cpp): fp32 or bf16 rows widened to
 // fp32 in registers, rounded back to bf16, and exp.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -66,6 +67,24 @@ inline float reduce8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 #endif
+
+// exp(x), scalar: the same Cephes polynomial as exp16, for loop tails and CPUs without AVX-512.
+inline float exp_approx(float x) {
+  x = std::fmin(std::fmax(x, -87.3f), 88.3f);
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
 
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) {

@@ -19,25 +19,6 @@ namespace {
 
 using namespace loraplex_cpu;
 
-// exp for the SiLU: Cephes' single-precision polynomial (about 1 ulp over the clamped range), written
-// so that the compiler vectorizes the loop around it; std::exp stays scalar and was the whole cost.
-inline float exp_approx(float x) {
-  x = std::fmin(std::fmax(x, -87.3f), 88.3f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 inline float round_to(float v, float*) { return v; }
 inline float round_to(float v, uint16_t*) { return to_float(to_bf16(v)); }
 inline void put(float* dst, float v) { *dst = v; }
