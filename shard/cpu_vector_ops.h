@@ -146,4 +146,11 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+// One value stored to, or rounded to the precision of, an fp32 or bf16 destination: the scalar
+// twins of store16/round16, for loop tails and CPUs without AVX-512.
+inline void store1(float* dst, float v) { *dst = v; }
+inline void store1(uint16_t* dst, float v) { *dst = to_bf16(v); }
+inline float round1(float v, const float*) { return v; }
+inline float round1(float v, const uint16_t*) { return to_float(to_bf16(v)); }
+
 }  // namespace loraplex_cpu

@@ -18,9 +18,6 @@ namespace {
 
 using namespace loraplex_cpu;
 
-inline void store(float* dst, float v) { *dst = v; }
-inline void store(uint16_t* dst, float v) { *dst = to_bf16(v); }
-
 // Where one (row, head) reads its query, keys, values and mask and writes its output.
 template <typename t>
 struct Operands {
@@ -81,7 +78,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
       }
       const float inv = 1.f / total;
       t* orow = ops.output(b, h);
-      for (int64_t d = 0; d < dim; ++d) store(orow + d, acc[d] * inv);
+      for (int64_t d = 0; d < dim; ++d) store1(orow + d, acc[d] * inv);
     }
   });
 }

@@ -19,11 +19,6 @@ namespace {
 
 using namespace loraplex_cpu;
 
-inline float round_to(float v, float*) { return v; }
-inline float round_to(float v, uint16_t*) { return to_float(to_bf16(v)); }
-inline void put(float* dst, float v) { *dst = v; }
-inline void put(uint16_t* dst, float v) { *dst = to_bf16(v); }
-
 void check_rows(const torch::Tensor& x, const char* what) {
   TORCH_CHECK(x.device().is_cpu(), what, ": CPU tensors only");
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, what, ": fp32 or bf16 only");
@@ -56,8 +51,8 @@ void rms_rows(t* x, const t* delta, const t* weight, t* out, int64_t rows, int64
       for (; c < width; ++c) {
         float v = to_float(xr[c]);
         if (dr != nullptr) {
-          v = round_to(v + to_float(dr[c]), static_cast<t*>(nullptr));
-          put(xr + c, v);
+          v = round1(v + to_float(dr[c]), xr);
+          store1(xr + c, v);
         }
         squares += v * v;
       }
@@ -71,8 +66,8 @@ void rms_rows(t* x, const t* delta, const t* weight, t* out, int64_t rows, int64
       }
 #endif
       for (; c < width; ++c) {
-        const float normed = round_to(to_float(xr[c]) * inv, static_cast<t*>(nullptr));
-        put(o + c, to_float(weight[c]) * normed);
+        const float normed = round1(to_float(xr[c]) * inv, xr);
+        store1(o + c, to_float(weight[c]) * normed);
       }
     }
   });
@@ -129,12 +124,12 @@ void rotate_rows(t* x, const t* cos, const t* sin, int64_t n, int64_t heads, int
 #endif
       for (; d < half; ++d) {
         const float x1 = to_float(xr[d]), x2 = to_float(xr[d + half]);
-        const float a1 = round_to(x1 * to_float(c[d]), static_cast<t*>(nullptr));
-        const float b1 = round_to(-x2 * to_float(s[d]), static_cast<t*>(nullptr));
-        const float a2 = round_to(x2 * to_float(c[d + half]), static_cast<t*>(nullptr));
-        const float b2 = round_to(x1 * to_float(s[d + half]), static_cast<t*>(nullptr));
-        put(xr + d, a1 + b1);
-        put(xr + d + half, a2 + b2);
+        const float a1 = round1(x1 * to_float(c[d]), xr);
+        const float b1 = round1(-x2 * to_float(s[d]), xr);
+        const float a2 = round1(x2 * to_float(c[d + half]), xr);
+        const float b2 = round1(x1 * to_float(s[d + half]), xr);
+        store1(xr + d, a1 + b1);
+        store1(xr + d + half, a2 + b2);
       }
     }
   });
@@ -171,8 +166,8 @@ void silu_mul_rows(const t* gate, const t* up, t* out, int64_t n) {
 #endif
     for (; i < end; ++i) {
       const float g = to_float(gate[i]);
-      const float act = round_to(g / (1.f + exp_approx(-g)), static_cast<t*>(nullptr));
-      put(out + i, act * to_float(up[i]));
+      const float act = round1(g / (1.f + exp_approx(-g)), out);
+      store1(out + i, act * to_float(up[i]));
     }
   });
 }

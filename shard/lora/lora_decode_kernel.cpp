@@ -89,7 +89,11 @@ void delta_rows_bf16(uint16_t* out, const uint16_t* x, const uint16_t* a, const 
                      int64_t rank, int64_t in_f, int64_t out_f, int64_t pool_rank) {
   const int64_t segments = static_cast<int64_t>(first.size()) - 1;
   at::parallel_for(0, segments, 1, [=, &first](int64_t begin, int64_t end) {
-    std::vector<float> x_f32(in_f), hidden;
+#if defined(__AVX512BF16__)
+    std::vector<float> hidden;
+#else
+    std::vector<float> x_f32(in_f), hidden;  // x widened once per token for the fp32 dot products
+#endif
     for (int64_t s = begin; s < end; ++s) {
       const int64_t row = rows[first[s]], count = first[s + 1] - first[s];
       hidden.assign(count * rank, 0.f);
