@@ -204,6 +204,10 @@ class LoraplexPeer:
                     # The word tokenizer maps "w<i>" to token i: the shard sees exactly these ids.
                     prompt=" ".join(f"w{t}" for t in request.prompt_ids),
                     sampling=shard_pb2.SamplingParams(max_tokens=request.new_tokens),  # greedy
+                    # Whole answers, as vLLM's offline API returns them (the first token still
+                    # comes at once, for the time to first token): what the gateway asks for a
+                    # request without "stream".
+                    stream_interval=request.new_tokens,
                 ), timeout=RUN_TIMEOUT_S)
                 first, tokens = 0.0, []
                 async for chunk in call:

@@ -53,7 +53,7 @@ class GenerationJob:
             return adapter_ref(self.mix[0].name, self.mix[0].version)
         return adapter_ref(self.adapter, self.version) if self.adapter else ""
 
-    def to_proto(self) -> shard_pb2.GenerateRequest:
+    def to_proto(self, stream_interval: int = 1) -> shard_pb2.GenerateRequest:
         sampling = shard_pb2.SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, stop=list(self.stop)
         )
@@ -63,6 +63,7 @@ class GenerationJob:
             request_id=self.request_id,
             adapter=shard_pb2.AdapterRef(name=self.adapter, version=self.version),
             sampling=sampling,
+            stream_interval=stream_interval,
         )
         req.mix.extend(
             shard_pb2.MixComponent(adapter=shard_pb2.AdapterRef(name=c.name, version=c.version), weight=c.weight)
@@ -192,7 +193,9 @@ class Dispatcher:
         """A whole generation; any failure is retried on the next shard (nothing was sent yet)."""
 
         async def run(shard_id: str) -> GenerationResult:
-            stream = await self._open_on(shard_id, job)
+            # Nobody reads the text as it is generated: the shard sends the first token (timed as
+            # the first-token latency) and the rest with the end, not a message per token.
+            stream = await self._open_on(shard_id, job, stream_interval=max(1, job.max_tokens))
             async for _ in stream.chunks():
                 pass
             return stream.result()
@@ -236,7 +239,7 @@ class Dispatcher:
             raise error
         return error
 
-    async def _open_on(self, shard_id: str, job: GenerationJob) -> ShardStream:
+    async def _open_on(self, shard_id: str, job: GenerationJob, stream_interval: int = 1) -> ShardStream:
         state = self.pool.get(shard_id)
         started = time.perf_counter()
         key = job.placement_key
@@ -246,7 +249,7 @@ class Dispatcher:
         adapter, version = job.adapter, job.version
         call = None
         try:
-            call = state.stub.Generate(job.to_proto(), timeout=self.timeout_s)
+            call = state.stub.Generate(job.to_proto(stream_interval), timeout=self.timeout_s)
             while True:
                 chunk = await call.read()
                 if chunk is grpc.aio.EOF:

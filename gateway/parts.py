@@ -36,6 +36,7 @@ from gateway.tenant_limits import LocalTenantLimiter, TenantLimiter
 from gateway.tenants import TenantDirectory
 from gateway.serving_record import ServingRecord
 from gateway.version_fallback import LastGoodVersions
+from loraplex.garbage_collection import freeze_startup_objects
 from loraplex.routing_table import RoutingTable
 from loraplex.grpc_tls import channel_credentials
 from loraplex.serving_status import VersionSelection
@@ -89,6 +90,7 @@ class GatewayParts:
         self._background.append(asyncio.create_task(self._reload_tenants_forever(), name="tenants-reload"))
         if self.serving_status is not None:
             self._background.append(asyncio.create_task(self.serving_status.run_forever(), name="serving-status"))
+        freeze_startup_objects()
 
     async def stop(self) -> None:
         for task in self._background:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x11loraplex.shard.v1\"+\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"N\n\x0cMixComponent\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\x81\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfa\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x30\n\x08messages\x18\x04 \x03(\x0b\x32\x1e.loraplex.shard.v1.ChatMessage\x12\x33\n\x08sampling\x18\x05 \x01(\x0b\x32!.loraplex.shard.v1.SamplingParams\x12,\n\x03mix\x18\x06 \x03(\x0b\x32\x1f.loraplex.shard.v1.MixComponent\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xef\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x36\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1f.loraplex.shard.v1.FinishReason\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.loraplex.shard.v1.Usage\x12.\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12,\n\x03mix\x18\x06 \x03(\x0b\x32\x1f.loraplex.shard.v1.MixComponent\"Q\n\x12LoadAdapterRequest\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"\xfa\x01\n\x0b\x41\x64\x61pterInfo\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\r\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x0f\n\x07load_ms\x18\x08 \x01(\x01\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x19\n\x11last_used_unix_ms\x18\n \x01(\x03\x12\x0e\n\x06merged\x18\x0b \x01(\x08\"F\n\x13LoadAdapterResponse\x12/\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1e.loraplex.shard.v1.AdapterInfo\"Z\n\x14UnloadAdapterRequest\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x12\n\nunpin_only\x18\x02 \x01(\x08\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x15\n\x13ListAdaptersRequest\"\xc0\x01\n\tTierStats\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x0c\n\x04used\x18\x03 \x01(\r\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x13\n\x0bload_ms_p50\x18\x07 \x01(\x01\x12\x13\n\x0bload_ms_p95\x18\x08 \x01(\x01\x12\x16\n\x0e\x63\x61pacity_bytes\x18\t \x01(\x04\x12\x12\n\nused_bytes\x18\n \x01(\x04\"u\n\x14ListAdaptersResponse\x12\x30\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1e.loraplex.shard.v1.AdapterInfo\x12+\n\x05tiers\x18\x02 \x03(\x0b\x32\x1c.loraplex.shard.v1.TierStats\"\x0e\n\x0cStatsRequest\"\x92\x03\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0e\n\x06queued\x18\x07 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x08 \x01(\r\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x1a\n\x12requests_completed\x18\n \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0b \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x0c \x01(\x01\x12+\n\x05tiers\x18\r \x03(\x0b\x32\x1c.loraplex.shard.v1.TierStats\x12\x13\n\x0bmax_context\x18\x0e \x01(\r\x12\x35\n\x0emerged_adapter\x18\x0f \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\"E\n\x13MergeAdapterRequest\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\"v\n\x14MergeAdapterResponse\x12-\n\x06merged\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12/\n\x08replaced\x18\x02 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\"\x17\n\x15UnmergeAdapterRequest\"I\n\x16UnmergeAdapterResponse\x12/\n\x08unmerged\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x92\x05\n\x05Shard\x12R\n\x08Generate\x12\".loraplex.shard.v1.GenerateRequest\x1a .loraplex.shard.v1.GenerateChunk0\x01\x12\\\n\x0bLoadAdapter\x12%.loraplex.shard.v1.LoadAdapterRequest\x1a&.loraplex.shard.v1.LoadAdapterResponse\x12\x62\n\rUnloadAdapter\x12\'.loraplex.shard.v1.UnloadAdapterRequest\x1a(.loraplex.shard.v1.UnloadAdapterResponse\x12_\n\x0cListAdapters\x12&.loraplex.shard.v1.ListAdaptersRequest\x1a\'.loraplex.shard.v1.ListAdaptersResponse\x12J\n\x05Stats\x12\x1f.loraplex.shard.v1.StatsRequest\x1a .loraplex.shard.v1.StatsResponse\x12_\n\x0cMergeAdapter\x12&.loraplex.shard.v1.MergeAdapterRequest\x1a\'.loraplex.shard.v1.MergeAdapterResponse\x12\x65\n\x0eUnmergeAdapter\x12(.loraplex.shard.v1.UnmergeAdapterRequest\x1a).loraplex.shard.v1.UnmergeAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x11loraplex.shard.v1\"+\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"N\n\x0cMixComponent\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\x81\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x93\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x30\n\x08messages\x18\x04 \x03(\x0b\x32\x1e.loraplex.shard.v1.ChatMessage\x12\x33\n\x08sampling\x18\x05 \x01(\x0b\x32!.loraplex.shard.v1.SamplingParams\x12,\n\x03mix\x18\x06 \x03(\x0b\x32\x1f.loraplex.shard.v1.MixComponent\x12\x17\n\x0fstream_interval\x18\x07 \x01(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xef\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x36\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1f.loraplex.shard.v1.FinishReason\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.loraplex.shard.v1.Usage\x12.\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12,\n\x03mix\x18\x06 \x03(\x0b\x32\x1f.loraplex.shard.v1.MixComponent\"Q\n\x12LoadAdapterRequest\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"\xfa\x01\n\x0b\x41\x64\x61pterInfo\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\r\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x0f\n\x07load_ms\x18\x08 \x01(\x01\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x19\n\x11last_used_unix_ms\x18\n \x01(\x03\x12\x0e\n\x06merged\x18\x0b \x01(\x08\"F\n\x13LoadAdapterResponse\x12/\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1e.loraplex.shard.v1.AdapterInfo\"Z\n\x14UnloadAdapterRequest\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12\x12\n\nunpin_only\x18\x02 \x01(\x08\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x15\n\x13ListAdaptersRequest\"\xc0\x01\n\tTierStats\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x0c\n\x04used\x18\x03 \x01(\r\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x13\n\x0bload_ms_p50\x18\x07 \x01(\x01\x12\x13\n\x0bload_ms_p95\x18\x08 \x01(\x01\x12\x16\n\x0e\x63\x61pacity_bytes\x18\t \x01(\x04\x12\x12\n\nused_bytes\x18\n \x01(\x04\"u\n\x14ListAdaptersResponse\x12\x30\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1e.loraplex.shard.v1.AdapterInfo\x12+\n\x05tiers\x18\x02 \x03(\x0b\x32\x1c.loraplex.shard.v1.TierStats\"\x0e\n\x0cStatsRequest\"\x92\x03\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0e\n\x06queued\x18\x07 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x08 \x01(\r\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x1a\n\x12requests_completed\x18\n \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0b \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x0c \x01(\x01\x12+\n\x05tiers\x18\r \x03(\x0b\x32\x1c.loraplex.shard.v1.TierStats\x12\x13\n\x0bmax_context\x18\x0e \x01(\r\x12\x35\n\x0emerged_adapter\x18\x0f \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\"E\n\x13MergeAdapterRequest\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\"v\n\x14MergeAdapterResponse\x12-\n\x06merged\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\x12/\n\x08replaced\x18\x02 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef\"\x17\n\x15UnmergeAdapterRequest\"I\n\x16UnmergeAdapterResponse\x12/\n\x08unmerged\x18\x01 \x01(\x0b\x32\x1d.loraplex.shard.v1.AdapterRef*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x92\x05\n\x05Shard\x12R\n\x08Generate\x12\".loraplex.shard.v1.GenerateRequest\x1a .loraplex.shard.v1.GenerateChunk0\x01\x12\\\n\x0bLoadAdapter\x12%.loraplex.shard.v1.LoadAdapterRequest\x1a&.loraplex.shard.v1.LoadAdapterResponse\x12\x62\n\rUnloadAdapter\x12\'.loraplex.shard.v1.UnloadAdapterRequest\x1a(.loraplex.shard.v1.UnloadAdapterResponse\x12_\n\x0cListAdapters\x12&.loraplex.shard.v1.ListAdaptersRequest\x1a\'.loraplex.shard.v1.ListAdaptersResponse\x12J\n\x05Stats\x12\x1f.loraplex.shard.v1.StatsRequest\x1a .loraplex.shard.v1.StatsResponse\x12_\n\x0cMergeAdapter\x12&.loraplex.shard.v1.MergeAdapterRequest\x1a\'.loraplex.shard.v1.MergeAdapterResponse\x12\x65\n\x0eUnmergeAdapter\x12(.loraplex.shard.v1.UnmergeAdapterRequest\x1a).loraplex.shard.v1.UnmergeAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.shard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2490
-  _globals['_FINISHREASON']._serialized_end=2614
+  _globals['_FINISHREASON']._serialized_start=2515
+  _globals['_FINISHREASON']._serialized_end=2639
   _globals['_ADAPTERREF']._serialized_start=41
   _globals['_ADAPTERREF']._serialized_end=84
   _globals['_MIXCOMPONENT']._serialized_start=86
@@ -42,39 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=298
   _globals['_CHATMESSAGE']._serialized_end=342
   _globals['_GENERATEREQUEST']._serialized_start=345
-  _globals['_GENERATEREQUEST']._serialized_end=595
-  _globals['_USAGE']._serialized_start=597
-  _globals['_USAGE']._serialized_end=654
-  _globals['_GENERATECHUNK']._serialized_start=657
-  _globals['_GENERATECHUNK']._serialized_end=896
-  _globals['_LOADADAPTERREQUEST']._serialized_start=898
-  _globals['_LOADADAPTERREQUEST']._serialized_end=979
-  _globals['_ADAPTERINFO']._serialized_start=982
-  _globals['_ADAPTERINFO']._serialized_end=1232
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1234
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1304
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1306
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1396
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1398
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1439
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1441
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1462
-  _globals['_TIERSTATS']._serialized_start=1465
-  _globals['_TIERSTATS']._serialized_end=1657
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1659
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1776
-  _globals['_STATSREQUEST']._serialized_start=1778
-  _globals['_STATSREQUEST']._serialized_end=1792
-  _globals['_STATSRESPONSE']._serialized_start=1795
-  _globals['_STATSRESPONSE']._serialized_end=2197
-  _globals['_MERGEADAPTERREQUEST']._serialized_start=2199
-  _globals['_MERGEADAPTERREQUEST']._serialized_end=2268
-  _globals['_MERGEADAPTERRESPONSE']._serialized_start=2270
-  _globals['_MERGEADAPTERRESPONSE']._serialized_end=2388
-  _globals['_UNMERGEADAPTERREQUEST']._serialized_start=2390
-  _globals['_UNMERGEADAPTERREQUEST']._serialized_end=2413
-  _globals['_UNMERGEADAPTERRESPONSE']._serialized_start=2415
-  _globals['_UNMERGEADAPTERRESPONSE']._serialized_end=2488
-  _globals['_SHARD']._serialized_start=2617
-  _globals['_SHARD']._serialized_end=3275
+  _globals['_GENERATEREQUEST']._serialized_end=620
+  _globals['_USAGE']._serialized_start=622
+  _globals['_USAGE']._serialized_end=679
+  _globals['_GENERATECHUNK']._serialized_start=682
+  _globals['_GENERATECHUNK']._serialized_end=921
+  _globals['_LOADADAPTERREQUEST']._serialized_start=923
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1004
+  _globals['_ADAPTERINFO']._serialized_start=1007
+  _globals['_ADAPTERINFO']._serialized_end=1257
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1259
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1329
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1331
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1421
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1423
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1464
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1466
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1487
+  _globals['_TIERSTATS']._serialized_start=1490
+  _globals['_TIERSTATS']._serialized_end=1682
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1684
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1801
+  _globals['_STATSREQUEST']._serialized_start=1803
+  _globals['_STATSREQUEST']._serialized_end=1817
+  _globals['_STATSRESPONSE']._serialized_start=1820
+  _globals['_STATSRESPONSE']._serialized_end=2222
+  _globals['_MERGEADAPTERREQUEST']._serialized_start=2224
+  _globals['_MERGEADAPTERREQUEST']._serialized_end=2293
+  _globals['_MERGEADAPTERRESPONSE']._serialized_start=2295
+  _globals['_MERGEADAPTERRESPONSE']._serialized_end=2413
+  _globals['_UNMERGEADAPTERREQUEST']._serialized_start=2415
+  _globals['_UNMERGEADAPTERREQUEST']._serialized_end=2438
+  _globals['_UNMERGEADAPTERRESPONSE']._serialized_start=2440
+  _globals['_UNMERGEADAPTERRESPONSE']._serialized_end=2513
+  _globals['_SHARD']._serialized_start=2642
+  _globals['_SHARD']._serialized_end=3300
 # @@protoc_insertion_point(module_scope)

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 
+from loraplex.garbage_collection import freeze_startup_objects
 from loraplex.grpc_tls import server_credentials
 from loraplex.telemetry import tracer_provider
 from protos import shard_pb2, shard_pb2_grpc
@@ -316,6 +317,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
                 adapter=self._selection(request),
                 sampling=sampling_options(request.sampling),
+                stream_interval=max(1, request.stream_interval),
             )
             _describe_span(generation.adapter, self.settings.shard_id)
             handle = core.engine.submit(generation)
@@ -490,6 +492,7 @@ async def serve(
             return
         stopping.cancel()
         servicer.core = loading.result()
+        freeze_startup_objects()
         metrics.serving(
             servicer.core.engine,
             servicer.core.lora,

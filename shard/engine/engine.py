@@ -93,6 +93,7 @@ class _Sequence:
         self.detokenizer = detokenizer
         self.stops = stops
         self.generated: list[int] = []
+        self.unsent_text = ""  # released by the detokenizer and the stop matcher, not sent yet
         self.unsent_ids: list[int] = []
         self.unsent_logits: list[torch.Tensor] = []
         self.sent_first = False
@@ -649,42 +650,45 @@ class Engine:
             return
         sequence.unsent_ids.append(token)
         released = sequence.stops.feed(sequence.detokenizer.add(token))
+        sequence.unsent_text += released.text
         if released.stopped:
-            self._send(sequence, released.text)
             self._finish(sequence, FinishReason.STOP, flush=False)
         elif len(sequence.generated) >= sequence.max_tokens:
-            self._send(sequence, released.text)
             self._finish(sequence, FinishReason.LENGTH)
-        elif released.text:
-            self._send(sequence, released.text)
+        elif sequence.unsent_text and (
+            not sequence.sent_first or len(sequence.unsent_ids) >= sequence.request.stream_interval
+        ):
+            self._send(sequence)
 
-    def _send(self, sequence: _Sequence, text: str, finish: FinishReason | None = None) -> None:
+    def _send(self, sequence: _Sequence, finish: FinishReason | None = None) -> None:
+        """Everything not sent yet (text, token ids, logits) as one chunk; the last one carries
+        ``finish`` and the usage."""
         usage = None
         if finish is not None:
             usage = Usage(len(sequence.prompt_ids), len(sequence.generated))
-        elif not text and not sequence.unsent_ids:
+        elif not sequence.unsent_text and not sequence.unsent_ids:
             return
         chunk = GenerationChunk(
-            text=text,
+            text=sequence.unsent_text,
             token_ids=tuple(sequence.unsent_ids),
             finish_reason=finish,
             usage=usage,
             adapter=None if sequence.sent_first else sequence.request.adapter,
             logits=torch.stack(sequence.unsent_logits) if sequence.unsent_logits else None,
         )
+        sequence.unsent_text = ""
         sequence.unsent_ids = []
         sequence.unsent_logits = []
         sequence.sent_first = True
         sequence.handle._emit(chunk)
 
     def _finish(self, sequence: _Sequence, reason: FinishReason, flush: bool = True) -> None:
-        tail = ""
         if flush and reason is not FinishReason.CANCELLED:
             released = sequence.stops.feed(sequence.detokenizer.flush())
-            tail = released.text if released.stopped else released.text + sequence.stops.flush()
+            sequence.unsent_text += released.text if released.stopped else released.text + sequence.stops.flush()
         self._release(sequence)
         self._completed += 1
-        self._send(sequence, tail, finish=reason)
+        self._send(sequence, finish=reason)
 
     def _fail(self, sequence: _Sequence, error: BaseException) -> None:
         self._release(sequence)

@@ -34,6 +34,10 @@ class GenerationRequest:
     prompt_ids: list[int] | None = None
     adapter: Any = None  # a shard.lora.AdapterKey or AdapterMix, or None for the base model
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # A chunk once this many tokens are pending (1: every token as it is generated). The first
+    # text and the end are never held back; a caller that wants only the whole answer sets it to
+    # max_tokens and is spared one hand-off (and one message downstream) per token.
+    stream_interval: int = 1
 
 
 @dataclass(frozen=True)

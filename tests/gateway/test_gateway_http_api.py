@@ -53,10 +53,13 @@ def test_pinned_and_base_routes(client):
     assert r.headers["x-loraplex-route"] == "base" and r.json()["choices"][0]["text"].startswith("base@base:0")
 
 
-def test_streaming_matches_non_streaming_and_reports_usage(client):
+def test_streaming_matches_non_streaming_and_reports_usage(client, shard_servers):
     req = {"model": "clinical", "prompt": "q", "max_tokens": 4}
     plain = client.post("/v1/completions", json=req, headers=auth(ACME_KEY)).json()["choices"][0]["text"]
+    # Nobody reads a non-streamed answer as it is generated: the shard is asked for the whole of it.
+    assert [req for s in shard_servers for req in s.servicer.requests][-1].stream_interval == 4
     r = client.post("/v1/completions", json={**req, "stream": True, "stream_options": {"include_usage": True}}, headers=auth(ACME_KEY))
+    assert [req for s in shard_servers for req in s.servicer.requests][-1].stream_interval == 1
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["x-loraplex-version"] == "3" and r.headers["x-loraplex-shard"]
     events = _events(r.text)

@@ -114,3 +114,28 @@ def test_top_p_keeps_exactly_the_smallest_prefix_reaching_p():
         sampler = RowSampler(SamplingOptions(temperature=1.0, top_p=top_p, seed=1), "cpu")
         picks = {sampler.sample_from_probs(probs) for _ in range(300)}
         assert picks <= allowed
+
+
+def test_stream_interval_groups_tokens_but_never_holds_back_the_first_text_or_the_end(tiny_llama):
+    model, tokenizer = tiny_llama
+    engine = Engine(model, tokenizer, max_batch_size=3, max_queue=4, max_context=128)
+    engine.eos_ids = set()
+    handles = {
+        interval: engine.submit(GenerationRequest(
+            f"every-{interval}", prompt="abcdefgh", sampling=SamplingOptions(max_tokens=13), stream_interval=interval
+        ))
+        for interval in (1, 4, 13)
+    }
+    while engine.run_once():
+        pass
+    chunks = {interval: list(handle) for interval, handle in handles.items()}
+    every = chunks[1]
+    for interval, got in chunks.items():
+        assert [t for c in got for t in c.token_ids] == [t for c in every for t in c.token_ids]
+        assert "".join(c.text for c in got) == "".join(c.text for c in every)
+        assert got[-1].usage == every[-1].usage and got[-1].finish_reason is every[-1].finish_reason
+        assert [c.finish_reason for c in got[:-1]] == [None] * (len(got) - 1)
+        # The first chunk is the first text, as soon as there is any, whatever the interval.
+        assert got[0].token_ids == every[0].token_ids and got[0].text == every[0].text
+        assert all(len(c.token_ids) >= interval for c in got[1:-1])
+    assert len(chunks[13]) <= 2 < len(chunks[4]) < len(every)
