@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from shard.c_allocator import retain_freed_memory
 from shard.settings import SettingsError, ShardSettings
 
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.retain_freed_memory and not retain_freed_memory():
+        logging.getLogger("shard").warning("this C library does not take retain_freed_memory; its defaults apply")
     from shard.model_loading import ModelLoadError
     from shard.server import serve
 

@@ -74,6 +74,11 @@ class ShardSettings(LayeredSettings):
     # fp32 ~15% faster within float rounding) and so sit in memory twice; false: plain F.linear.
     # No effect on NF4, INT8 or CUDA.
     packed_weights: bool = True
+    # Memory the shard frees stays in the process for its next use instead of going back to the
+    # kernel (glibc's malloc, shard.c_allocator): the next prefill reuses it rather than faulting
+    # it in again page by page (a bf16 prefill of 2,048 tokens 0.39 -> 0.34 s). The resident size
+    # stays at its peak. false: the C library's defaults.
+    retain_freed_memory: bool = True
     # Adapters come from the MLflow registry (tracking URI + local download cache) or, with
     # adapter_dirs set, from local folders (name -> folder, version "local").
     registry_tracking_uri: str = ""
