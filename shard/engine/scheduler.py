@@ -78,7 +78,11 @@ class Scheduler:
             if not can_start(sequence):
                 continue
             self.waiting.remove(sequence)
-            row = max(r for r in range(len(self.decoding), self.max_batch) if self._owner[r] is None)
+            # The lowest free row: staged requests then sit in admission order right above the
+            # decoding rows, the order their prefills finish in, so each joins the decoding rows
+            # where it already is (a burst of 32 swapped half its rows, every layer's keys and
+            # values, when staging took the highest free rows).
+            row = min(r for r in range(len(self.decoding), self.max_batch) if self._owner[r] is None)
             self._owner[row] = sequence
             sequence.row = sequence_row = row
             sequence.prefilled = 0

@@ -106,6 +106,40 @@ def test_scheduler_keeps_decoding_rows_contiguous():
     assert sched.admit(lambda s: True) == [d] and d.row == 2
 
 
+def test_a_burst_prefilled_together_joins_the_decoding_rows_where_it_already_is():
+    class CountingCache(SlotKVCache):
+        copies = 0
+
+        def move_row(self, src, dst):
+            self.copies += 1
+            super().move_row(src, dst)
+
+        def swap_rows(self, a, b):
+            self.copies += 1
+            super().swap_rows(a, b)
+
+    cache = CountingCache(num_layers=2, max_batch=6, max_context=16, num_kv_heads=2, head_dim=4,
+                          dtype=torch.float32, device="cpu")
+    sched = Scheduler(max_batch=6, max_queue=6, rows=cache)
+    first = [Seq(2) for _ in range(2)]
+    for s in first:
+        sched.enqueue(s)
+    sched.admit(lambda s: True)
+    for s in first:
+        s.prefilled = 2
+        sched.prefill_done(s)
+    burst = [Seq(3) for _ in range(4)]
+    for s in burst:
+        sched.enqueue(s)
+    sched.admit(lambda s: True)
+    assert [s.row for s in burst] == [2, 3, 4, 5]  # admission order, right above the decoding rows
+    for ch in sched.prefill_chunks(12):
+        ch.sequence.prefilled += ch.count
+        sched.prefill_done(ch.sequence)
+    assert sched.decoding == first + burst and [s.row for s in sched.decoding] == list(range(6))
+    assert cache.copies == 0
+
+
 def test_columns_grow_on_demand_and_keep_contents():
     cache = SlotKVCache(
         num_layers=2, max_batch=2, max_context=20, num_kv_heads=2, head_dim=4,
