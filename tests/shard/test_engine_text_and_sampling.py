@@ -5,7 +5,7 @@ import torch
 
 from shard.engine import Engine, GenerationRequest, InvalidSamplingError, SamplingOptions
 from shard.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from shard.engine.sampling import RowSampler, sample_batch
+from shard.engine.sampling import RowSampler, greedy_tokens, sample_batch
 
 torch.set_num_threads(1)
 
@@ -139,3 +139,15 @@ def test_stream_interval_groups_tokens_but_never_holds_back_the_first_text_or_th
         assert got[0].token_ids == every[0].token_ids and got[0].text == every[0].text
         assert all(len(c.token_ids) >= interval for c in got[1:-1])
     assert len(chunks[13]) <= 2 < len(chunks[4]) < len(every)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_pick_what_argmax_picks_with_ties_and_nan(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(32, 5000, generator=g) * 0.05).to(dtype)  # bf16 at this scale: many ties
+    top = logits.max()
+    logits[:, 100] = top
+    logits[:, 4000] = top  # an exact tie: the first one wins
+    logits[3, 7] = float("nan")  # NaN wins, as in argmax
+    assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
+    assert greedy_tokens(logits)[0] == 100 and greedy_tokens(logits)[3] == 7
