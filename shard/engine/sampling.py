@@ -70,7 +70,7 @@ class RowSampler:
     def sample(self, logits: torch.Tensor) -> int:
         """Pick the next token from one row's logits ``[vocab]``."""
         if self.options.greedy:
-            return int(logits.argmax())
+            return int(greedy_tokens(logits))
         probs = torch.softmax(logits.float() / self.options.temperature, dim=-1)
         return self.sample_from_probs(probs)
 
