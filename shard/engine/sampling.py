@@ -108,12 +108,12 @@ class RowSampler:
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first highest logit, as ``argmax`` picks it (ties and NaN alike). ``max`` with a
     dim finds it ~4x faster on CPU (bf16 logits [32, 32000] on 2 cores: 0.35 ms against 1.6 ms for
-    ``argmax``, ~4% of a decode step)."""
+    ``argmax``; a bf16 decode step's sampling 1.0 -> 0.36 ms)."""
     return logits.max(dim=-1).indices
 
 
 def sample_batch(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """Next token of every row of ``logits [B, vocab]``: greedy rows share one argmax, sampled
+    """Next token of every row of ``logits [B, vocab]``: greedy rows share one greedy pick, sampled
     rows one batched softmax; each sampled row then draws with its own generator."""
     greedy_rows = [i for i, s in enumerate(samplers) if s.options.greedy]
     if len(greedy_rows) == len(samplers):
