@@ -26,8 +26,8 @@ TOP_PAD_BYTES = 64 * 2**20
 
 
 def retain_freed_memory() -> bool:
-    """Apply the policy to this process (every thread's arena); False where the C library is not
-    glibc or refused a value, and then nothing is known to have changed."""
+    """Apply the policy to this process (every thread's arena). False where the C library has no
+    ``mallopt`` or refused a value; values set before a refused one stay set."""
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt if name else None
