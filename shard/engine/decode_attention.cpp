@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_vector_ops.h"
@@ -84,9 +85,65 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
 }
 
 #if defined(__AVX512F__)
+// The lane sums of 16 vectors in one: result[4k + i] is the sum of v[4i + k]. Three rounds of
+// adding halves (28 shuffles and 15 adds for 16 sums, against ~8 shuffles and adds per sum for
+// a separate horizontal reduction of each).
+inline __m512 lane_sums16(const __m512* v) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  const __m512 y0 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+  const __m512 y1 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(y0), _mm512_castps_pd(y1))),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(y0), _mm512_castps_pd(y1))));
+}
+
 // The same computation with the head dimension held in NV registers of 16 lanes: the query and
 // the weighted sum of values stay in registers across keys, and the scores are exponentiated 16
 // at a time (a scalar exp per key was most of the kernel's time).
+// scores[0..len) = products(key l) summed over its lanes, 16 keys at a time where it can.
+template <typename t, typename Products>
+inline void score_keys(float* scores, const t* kb, int64_t len, int64_t ks2, const Products& products) {
+  int64_t l = 0;
+  for (; l + 16 <= len; l += 16) {
+    __m512 block[16];
+    // key l + 4k + i goes to block[4i + k], so that lane_sums16 returns the scores in order
+    for (int j = 0; j < 16; ++j) block[(j & 3) * 4 + (j >> 2)] = products(kb + (l + j) * ks2);
+    _mm512_storeu_ps(scores + l, lane_sums16(block));
+  }
+  for (; l < len; ++l) scores[l] = _mm512_reduce_add_ps(products(kb + l * ks2));
+}
+
+// Adds the mask row (if any), exponentiates scores[0..padded) relative to their maximum in place
+// and returns their sum; padding columns [len, padded) come out ~1e-38 and are never read.
+template <typename t>
+inline float softmax_numerators(float* scores, const t* mask_row, int64_t ms3, int64_t len, int64_t padded) {
+  if (mask_row) {
+    int64_t l = 0;
+    if (ms3 == 1)
+      for (; l + 16 <= len; l += 16)
+        _mm512_storeu_ps(scores + l, _mm512_add_ps(_mm512_loadu_ps(scores + l), load16(mask_row + l)));
+    for (; l < len; ++l) scores[l] += to_float(mask_row[l * ms3]);
+  }
+  for (int64_t l = len; l < padded; ++l) scores[l] = -std::numeric_limits<float>::infinity();
+  __m512 best16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t l = 0; l < padded; l += 16) best16 = _mm512_max_ps(best16, _mm512_loadu_ps(scores + l));
+  const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(best16));
+  __m512 total16 = _mm512_setzero_ps();
+  for (int64_t l = 0; l < padded; l += 16) {
+    // exp16 clamps its input: the padding's -inf (and a masked column's finfo.min) become
+    // exp(-87.3) ~ 1e-38 instead of 0, which no sum of in-range terms can notice.
+    const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + l), best));
+    _mm512_storeu_ps(scores + l, p);
+    total16 = _mm512_add_ps(total16, p);
+  }
+  return _mm512_reduce_add_ps(total16);
+}
+
 template <typename t, int NV>
 void attend_vectorized(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                        const torch::Tensor* mask, torch::Tensor& out, float scaling) {
@@ -100,32 +157,13 @@ void attend_vectorized(const torch::Tensor& q, const torch::Tensor& k, const tor
       const t* qr = ops.query(b, h);
       __m512 qv[NV];
       for (int i = 0; i < NV; ++i) qv[i] = _mm512_mul_ps(load16(qr + 16 * i), _mm512_set1_ps(scaling));
-      const t* kb = ops.keys(b, h);
       const t* vb = ops.values(b, h);
-      for (int64_t l = 0; l < len; ++l) {
-        const t* kr = kb + l * ks2;
+      score_keys(scores.data(), ops.keys(b, h), len, ks2, [&](const t* kr) {
         __m512 acc = _mm512_mul_ps(load16(kr), qv[0]);
         for (int i = 1; i < NV; ++i) acc = _mm512_fmadd_ps(load16(kr + 16 * i), qv[i], acc);
-        scores[l] = _mm512_reduce_add_ps(acc);
-      }
-      if (ops.m) {
-        const t* mr = ops.m + b * ops.ms0;
-        for (int64_t l = 0; l < len; ++l) scores[l] += to_float(mr[l * ms3]);
-      }
-      for (int64_t l = len; l < padded; ++l) scores[l] = -std::numeric_limits<float>::infinity();
-      __m512 best16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int64_t l = 0; l < padded; l += 16) best16 = _mm512_max_ps(best16, _mm512_loadu_ps(scores.data() + l));
-      const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(best16));
-      __m512 total16 = _mm512_setzero_ps();
-      for (int64_t l = 0; l < padded; l += 16) {
-        // exp16 clamps its input: the padding's -inf (and a masked column's finfo.min) become
-        // exp(-87.3) ~ 1e-38 instead of 0, which no sum of in-range terms can notice; padding
-        // columns are never read below.
-        const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + l), best));
-        _mm512_storeu_ps(scores.data() + l, p);
-        total16 = _mm512_add_ps(total16, p);
-      }
-      const float total = _mm512_reduce_add_ps(total16);
+        return acc;
+      });
+      const float total = softmax_numerators(scores.data(), ops.m ? ops.m + b * ops.ms0 : nullptr, ms3, len, padded);
       __m512 acc[NV];
       for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t l = 0; l < len; ++l) {
@@ -142,9 +180,80 @@ void attend_vectorized(const torch::Tensor& q, const torch::Tensor& k, const tor
   });
 }
 
+// bf16 keys and values, read 32 at a time (one 512-bit load) and widened without cross-lane
+// shuffles: the even-indexed values by a shift, the odd-indexed ones by a mask. The head dimension
+// is thus held as two halves (even, odd) in registers; the output is interleaved back once.
+// Measured on a 2-core Xeon (AMX, AVX-512 BF16), 12 layers of 32 rows x 12 heads x 96 tokens read
+// from memory: 4.5 ms against 5.3 ms for the widening loads of attend_vectorized.
+inline __m512 bf16_even(__m512i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)); }
+inline __m512 bf16_odd(__m512i raw) {
+  return _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// bf16 with a head dimension of 32 * NP.
+template <int NP>
+void attend_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor* mask,
+                 torch::Tensor& out, float scaling) {
+  const Operands<uint16_t> ops(q, k, v, mask, out);
+  const int64_t heads = ops.heads, len = ops.len, ks2 = ops.ks2, vs2 = ops.vs2, ms3 = ops.ms3;
+  const int64_t padded = (len + 15) / 16 * 16;
+  at::parallel_for(0, ops.batch * heads, 1, [=](int64_t begin, int64_t end) {
+    std::vector<float> scores(padded);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      const uint16_t* qr = ops.query(b, h);
+      __m512 qe[NP], qo[NP];
+      for (int i = 0; i < NP; ++i) {
+        const __m512i raw = _mm512_loadu_si512(qr + 32 * i);
+        qe[i] = _mm512_mul_ps(bf16_even(raw), _mm512_set1_ps(scaling));
+        qo[i] = _mm512_mul_ps(bf16_odd(raw), _mm512_set1_ps(scaling));
+      }
+      const uint16_t* vb = ops.values(b, h);
+      score_keys(scores.data(), ops.keys(b, h), len, ks2, [&](const uint16_t* kr) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < NP; ++i) {
+          const __m512i raw = _mm512_loadu_si512(kr + 32 * i);
+          acc = _mm512_fmadd_ps(bf16_even(raw), qe[i], acc);
+          acc = _mm512_fmadd_ps(bf16_odd(raw), qo[i], acc);
+        }
+        return acc;
+      });
+      const float total = softmax_numerators(scores.data(), ops.m ? ops.m + b * ops.ms0 : nullptr, ms3, len, padded);
+      __m512 even[NP], odd[NP];
+      for (int i = 0; i < NP; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+      for (int64_t l = 0; l < len; ++l) {
+        if (scores[l] < 1e-30f) continue;
+        const __m512 p = _mm512_set1_ps(scores[l]);
+        const uint16_t* vr = vb + l * vs2;
+        for (int i = 0; i < NP; ++i) {
+          const __m512i raw = _mm512_loadu_si512(vr + 32 * i);
+          even[i] = _mm512_fmadd_ps(p, bf16_even(raw), even[i]);
+          odd[i] = _mm512_fmadd_ps(p, bf16_odd(raw), odd[i]);
+        }
+      }
+      const __m512 inv = _mm512_set1_ps(1.f / total);
+      uint16_t* orow = ops.output(b, h);
+      for (int i = 0; i < NP; ++i) {
+        // rounded to bf16: the even value in each 32-bit lane's low half, the odd one in its high half
+        const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(round_bf16(_mm512_mul_ps(even[i], inv))), 16);
+        const __m512i hi = _mm512_castps_si512(round_bf16(_mm512_mul_ps(odd[i], inv)));
+        _mm512_storeu_si512(orow + 32 * i, _mm512_or_si512(lo, hi));
+      }
+    }
+  });
+}
+
 template <typename t>
 bool attend_vectorized_if_fits(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor* mask, torch::Tensor& out, float scaling) {
+  if constexpr (std::is_same_v<t, uint16_t>) {
+    switch (q.size(3)) {
+      case 64: attend_bf16<2>(q, k, v, mask, out, scaling); return true;
+      case 128: attend_bf16<4>(q, k, v, mask, out, scaling); return true;
+      case 256: attend_bf16<8>(q, k, v, mask, out, scaling); return true;
+      default: break;
+    }
+  }
   switch (q.size(3)) {
     case 64: attend_vectorized<t, 4>(q, k, v, mask, out, scaling); return true;
     case 128: attend_vectorized<t, 8>(q, k, v, mask, out, scaling); return true;

@@ -23,9 +23,11 @@ def uneven_mask(lengths, columns, dtype):
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("dim", [64, 128, 40])  # 64/128: the vectorized loops (AVX-512 builds); 40: the general one
-def test_kernel_matches_sdpa_on_strided_cache_views_with_uneven_rows(dtype, tolerance, heads, kv_heads, dim):
+# Keys are scored 16 at a time, then one by one: 23 = one block and a tail, 48 = whole blocks only.
+@pytest.mark.parametrize("used", [23, 48])
+def test_kernel_matches_sdpa_on_strided_cache_views_with_uneven_rows(dtype, tolerance, heads, kv_heads, dim, used):
     g = torch.Generator().manual_seed(0)
-    batch, columns, used = 5, 40, 23
+    batch, columns = 5, 56
     cache_k = torch.randn(batch + 2, kv_heads, columns, dim, generator=g).to(dtype)  # more rows and columns than used
     cache_v = torch.randn(batch + 2, kv_heads, columns, dim, generator=g).to(dtype)
     k, v = cache_k[:batch, :, :used], cache_v[:batch, :, :used]
