@@ -165,3 +165,23 @@ def test_requests_admitted_together_reuse_what_earlier_steps_computed(engines):
     # finds the shared prefix the first one stored.
     assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == 5 * BLOCK
     assert tokens == serve_together(plain)
+
+
+def test_filling_the_cache_touches_no_new_memory():
+    """The storage is allocated and written when the cache is made: storing blocks while requests
+    wait copies into pages already there instead of faulting in fresh ones."""
+    resource = pytest.importorskip("resource")
+    kv = SlotKVCache(num_layers=2, max_batch=1, max_context=64, num_kv_heads=4, head_dim=64,
+                     dtype=torch.float32, device="cpu")
+    prefix = PrefixCache.for_cache(kv, block_tokens=16, max_bytes=16 << 20)  # 32 KiB blocks, 512 of them
+    pages = prefix.max_blocks * prefix.block_bytes // 4096
+    prompts = [prompt(100 + i, 64) for i in range(prefix.max_blocks // 4)]  # 4 whole blocks each: fills it
+    g = torch.Generator().manual_seed(0)
+    kv.write_row(0, 0, *(torch.randn(2, 4, 64, 64, generator=g) for _ in range(2)))
+    prefix.store_from("warm", prompts[0][:16], kv, 0, computed=16)  # the copy path's own first use
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for tokens in prompts:
+        prefix.store_from("a", tokens, kv, 0, computed=len(tokens))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert prefix.stats().cached_blocks == prefix.max_blocks
+    assert faults < pages // 10, f"{faults} page faults while filling {pages} pages of storage"
