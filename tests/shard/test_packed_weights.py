@@ -1,5 +1,6 @@
-"""Projections computing through oneDNN-packed weights (shard.packed_weights) answer what F.linear
-answers (bf16 exactly, fp32 within float rounding), and a merged hot adapter edits what they
+"""Projections computing through packed weights (shard.packed_weights: oneDNN's layout, or AMX tiles
+on CPUs with AMX) answer what F.linear answers (bf16 exactly, or within one bf16 rounding where the
+two sum in another order; fp32 within float rounding), and a merged hot adapter edits what they
 compute, not only the weight."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch import nn
 
 from bench.synthetic_models import random_llama
 from shard.lora import AdapterKey, LocalAdapterSource, LoraManager
-from shard.packed_weights import PackedLinear, pack_linear_weights, packing_available
+from shard.packed_weights import AMX_MAX_ROWS, PackedLinear, load_amx_kernel, pack_linear_weights, packing_available
 from tests.support.shard_models import tiny_llama_config
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN (mkldnn) ops")
@@ -105,3 +106,49 @@ def test_a_merge_and_unmerge_change_what_packed_layers_compute(tiny_adapter_dirs
     finally:
         for lora in managers:
             lora.close()
+
+
+amx = load_amx_kernel()
+needs_amx = pytest.mark.skipif(amx is None, reason="this CPU has no AMX (or the AMX kernel could not be built here)")
+
+
+@needs_amx
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 5, 32, 33, 100, AMX_MAX_ROWS, AMX_MAX_ROWS + 1])
+def test_the_amx_kernel_answers_what_f_linear_answers(rows, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(768, 2048, bias=bias).to(torch.bfloat16)
+    packed = PackedLinear(linear, amx)
+    assert packed.kernel == "amx"
+    x = torch.randn(rows, 1, 768, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got, want = packed(x), F.linear(x, linear.weight, linear.bias)
+    assert got.shape == want.shape == (rows, 1, 2048)
+    if rows <= 32 or rows > AMX_MAX_ROWS:  # the same sums in the same order, or F.linear itself
+        assert torch.equal(got, want)
+    else:
+        # Past 32 rows oneDNN splits its sums differently: a few outputs round the other way.
+        assert (got != want).float().mean().item() < 1e-3
+        torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=1e-3)
+
+
+@needs_amx
+def test_pack_puts_fitting_bf16_layers_on_the_amx_kernel_and_others_on_onednn():
+    model = nn.Sequential(nn.Linear(96, 160), nn.Linear(160, 100), nn.Linear(100, 64)).to(torch.bfloat16)
+    assert pack_linear_weights(model) == 3
+    assert [m.kernel for m in model] == ["amx", "onednn", "onednn"]  # sizes must be multiples of 32
+    fp32 = nn.Sequential(nn.Linear(96, 160))
+    pack_linear_weights(fp32)
+    assert fp32[0].kernel == "onednn"
+
+
+@needs_amx
+def test_a_merge_repacks_amx_tiles():
+    linear = nn.Linear(96, 160, bias=False).to(torch.bfloat16)
+    packed = PackedLinear(linear, amx)
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.mul_(2)
+        packed.repack()
+    with torch.inference_mode():
+        assert torch.equal(packed(x), F.linear(x, linear.weight))
