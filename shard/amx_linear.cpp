@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <vector>
 
 #include "cpu_vector_ops.h"
@@ -144,26 +145,33 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, std::optional<torch:
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t k_tiles = K / kTileK, pairs = N / 32;
-  // Column pairs split between threads; each reads its weight tiles once per block of 32 rows.
+  // Columns in chunks of 8 pairs (256 columns): a chunk's weight tiles (384 KiB at K = 768) stay in L2
+  // while every 32-row block of x passes over them, instead of x streaming once per pair (2,048 rows
+  // at 768x768: 1.15 ms against 1.69).
+  const int64_t chunk = 8;
+  // Column pairs split between threads.
   at::parallel_for(0, pairs, 1, [=](int64_t begin, int64_t end) {
     configure_tiles();  // per call: other code (oneDNN) on this thread loads its own configuration
     alignas(64) float sums[32 * 32];
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const uint16_t* w0 = wp + (2 * pair) * k_tiles * kTileRows * kTileK;
-      const uint16_t* w1 = w0 + k_tiles * kTileRows * kTileK;
-      __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-      if (bias_ptr) {
-        b0 = load16(bias_ptr + pair * 32);
-        b1 = load16(bias_ptr + pair * 32 + 16);
-      }
+    for (int64_t first = begin; first < end; first += chunk) {
+      const int64_t last = std::min(end, first + chunk);
       for (int64_t block = 0; block < blocks; ++block) {
         const bool partial = block == full;
-        block_product(partial ? tp : xp + block * 32 * K, K, w0, w1, sums);
+        const uint16_t* x_block = partial ? tp : xp + block * 32 * K;
         const int64_t rows = partial ? M - full * 32 : 32;
-        for (int64_t r = 0; r < rows; ++r) {
-          uint16_t* y = op + (block * 32 + r) * N + pair * 32;
-          store16(y, _mm512_add_ps(_mm512_load_ps(sums + r * 32), b0));
-          store16(y + 16, _mm512_add_ps(_mm512_load_ps(sums + r * 32 + 16), b1));
+        for (int64_t pair = first; pair < last; ++pair) {
+          const uint16_t* w0 = wp + (2 * pair) * k_tiles * kTileRows * kTileK;
+          block_product(x_block, K, w0, w0 + k_tiles * kTileRows * kTileK, sums);
+          __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+          if (bias_ptr) {
+            b0 = load16(bias_ptr + pair * 32);
+            b1 = load16(bias_ptr + pair * 32 + 16);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            uint16_t* y = op + (block * 32 + r) * N + pair * 32;
+            store16(y, _mm512_add_ps(_mm512_load_ps(sums + r * 32), b0));
+            store16(y + 16, _mm512_add_ps(_mm512_load_ps(sums + r * 32 + 16), b1));
+          }
         }
       }
     }
