@@ -38,6 +38,18 @@ inline void store16(uint16_t* p, __m512 v) {
   const __m512i r = _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 }
+// 32 bf16 values in one 512-bit load, widened without cross-lane shuffles: the even-indexed ones by
+// a shift, the odd-indexed ones by a mask (a 16-value load16 spends a shuffle on every load).
+inline __m512 bf16_even(__m512i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)); }
+inline __m512 bf16_odd(__m512i raw) {
+  return _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+// The inverse: 32 bf16 values (each rounded to nearest even) from their even and odd halves.
+inline void store32(uint16_t* p, __m512 even, __m512 odd) {
+  const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(round_bf16(even)), 16);
+  const __m512i hi = _mm512_castps_si512(round_bf16(odd));
+  _mm512_storeu_si512(p, _mm512_or_si512(lo, hi));
+}
 // exp(x): Cephes' single-precision polynomial (about 1 ulp over the clamped range).
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));

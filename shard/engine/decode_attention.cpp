@@ -181,14 +181,10 @@ void attend_vectorized(const torch::Tensor& q, const torch::Tensor& k, const tor
 }
 
 // bf16 keys and values, read 32 at a time (one 512-bit load) and widened without cross-lane
-// shuffles: the even-indexed values by a shift, the odd-indexed ones by a mask. The head dimension
-// is thus held as two halves (even, odd) in registers; the output is interleaved back once.
-// Measured on a 2-core Xeon (AMX, AVX-512 BF16), 12 layers of 32 rows x 12 heads x 96 tokens read
-// from memory: 4.5 ms against 5.3 ms for the widening loads of attend_vectorized.
-inline __m512 bf16_even(__m512i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)); }
-inline __m512 bf16_odd(__m512i raw) {
-  return _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
+// shuffles (bf16_even / bf16_odd). The head dimension is thus held as two halves (even, odd) in
+// registers; the output is interleaved back once. Measured on a 2-core Xeon (AMX, AVX-512 BF16),
+// 12 layers of 32 rows x 12 heads x 96 tokens read from memory: 4.5 ms against 5.3 ms for the
+// widening loads of attend_vectorized.
 
 // bf16 with a head dimension of 32 * NP.
 template <int NP>
@@ -208,10 +204,18 @@ void attend_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
         qe[i] = _mm512_mul_ps(bf16_even(raw), _mm512_set1_ps(scaling));
         qo[i] = _mm512_mul_ps(bf16_odd(raw), _mm512_set1_ps(scaling));
       }
+      const uint16_t* kb = ops.keys(b, h);
       const uint16_t* vb = ops.values(b, h);
-      score_keys(scores.data(), ops.keys(b, h), len, ks2, [&](const uint16_t* kr) {
+      // The next (row, head)'s keys and values are fetched into L2 while this one computes, a line
+      // for every line read here (12 layers of 32 rows x 12 heads x 96 tokens from memory, on a
+      // 2-core Xeon: 3.3 ms instead of 4.5).
+      const int64_t next = bh + 1 < end ? bh + 1 : bh;
+      const uint16_t* kb_next = ops.keys(next / heads, next % heads);
+      const uint16_t* vb_next = ops.values(next / heads, next % heads);
+      score_keys(scores.data(), kb, len, ks2, [&](const uint16_t* kr) {
         __m512 acc = _mm512_setzero_ps();
         for (int i = 0; i < NP; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(kb_next + (kr - kb) + 32 * i), _MM_HINT_T1);
           const __m512i raw = _mm512_loadu_si512(kr + 32 * i);
           acc = _mm512_fmadd_ps(bf16_even(raw), qe[i], acc);
           acc = _mm512_fmadd_ps(bf16_odd(raw), qo[i], acc);
@@ -222,6 +226,7 @@ void attend_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
       __m512 even[NP], odd[NP];
       for (int i = 0; i < NP; ++i) even[i] = odd[i] = _mm512_setzero_ps();
       for (int64_t l = 0; l < len; ++l) {
+        for (int i = 0; i < NP; ++i) _mm_prefetch(reinterpret_cast<const char*>(vb_next + l * vs2 + 32 * i), _MM_HINT_T1);
         if (scores[l] < 1e-30f) continue;
         const __m512 p = _mm512_set1_ps(scores[l]);
         const uint16_t* vr = vb + l * vs2;
@@ -233,12 +238,7 @@ void attend_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
       }
       const __m512 inv = _mm512_set1_ps(1.f / total);
       uint16_t* orow = ops.output(b, h);
-      for (int i = 0; i < NP; ++i) {
-        // rounded to bf16: the even value in each 32-bit lane's low half, the odd one in its high half
-        const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(round_bf16(_mm512_mul_ps(even[i], inv))), 16);
-        const __m512i hi = _mm512_castps_si512(round_bf16(_mm512_mul_ps(odd[i], inv)));
-        _mm512_storeu_si512(orow + 32 * i, _mm512_or_si512(lo, hi));
-      }
+      for (int i = 0; i < NP; ++i) store32(orow + 32 * i, _mm512_mul_ps(even[i], inv), _mm512_mul_ps(odd[i], inv));
     }
   });
 }
