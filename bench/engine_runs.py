@@ -15,6 +15,7 @@ from bench.run_result import RunResult
 from bench.workloads import BenchRequest
 from shard.engine import Engine, GenerationRequest, SamplingOptions
 from shard.lora import LOCAL_VERSION, AdapterKey, LocalAdapterSource, LoraManager
+from shard.packed_weights import pack_linear_weights
 
 
 def adapter_key(name: str) -> AdapterKey:
@@ -43,6 +44,8 @@ class LoraplexShard:
     def build(cls, model, tokenizer, adapter_dirs: dict[str, Path], *, device_slots: int, max_rank: int,
               host_capacity: int, max_batch: int,
               pool_dtype: torch.dtype | None = None) -> "LoraplexShard":
+        # As `shard.server.build_core` does before installing LoRA: the base a shard serves.
+        pack_linear_weights(model)
         lora = LoraManager.install(
             model, LocalAdapterSource(adapter_dirs), device_slots=device_slots, max_rank=max_rank,
             host_capacity=host_capacity, pool_dtype=pool_dtype,

@@ -46,6 +46,7 @@ class BenchProfile:
     overhead_prompt_tokens: int = 64
     overhead_new_tokens: int = 48
     overhead_rounds: int = 2
+    read_bandwidth_bytes: int = 1 << 30  # buffer for the machine's streaming read rate (bench/bytes_bound.py)
     # 2. Against lock + set_adapter + generate: every request arrives at once.
     naive_prompt_tokens: int = 32
     naive_new_tokens: int = 32
@@ -126,6 +127,7 @@ def toy_profile(name: str = "toy") -> BenchProfile:
         overhead_prompt_tokens=4,
         overhead_new_tokens=3,
         overhead_rounds=2,
+        read_bandwidth_bytes=1 << 20,
         naive_prompt_tokens=4,
         naive_new_tokens=3,
         naive_rounds=2,

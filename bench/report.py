@@ -31,6 +31,7 @@ def markdown_table(result: dict) -> str:
         f"(step pairs p10–p90 {o['spread']['p10']:.2f}–{o['spread']['p90']:.2f}, n={o['spread']['n']}) "
         f"| ≥ 0.90 | {'yes' if o['goal_met'] else 'no'} |"
     )
+    bound = o.get("bytes_bound")
     n = r["vs_naive"]
     lines.append(
         f"| 2. vs lock + `set_adapter` + `generate` (tok/s) | {n['baseline_tokens_per_s']:.1f} | "
@@ -41,6 +42,14 @@ def markdown_table(result: dict) -> str:
         f"| 3. vs PEFT static batches `adapter_names=`, Poisson arrivals (tok/s) | {p['baseline_tokens_per_s']:.1f} | "
         f"{p['loraplex_tokens_per_s']:.1f} | {p['ratio']:.2f}× ({_fmt_spread(p)}) | ≥ 2× | {'yes' if p['goal_met'] else 'no'} |"
     )
+    if bound:
+        lines += [
+            "",
+            f"Bytes bound on 1.: {settings['concurrency']} adapters' factors are {bound['factor_mb_per_step']:.0f} MB a decode "
+            f"step, {bound['factor_read_ms']:.1f} ms at this machine's best streaming read ({bound['read_gb_per_s']:.1f} GB/s), "
+            f"on a {bound['base_step_ms']:.1f} ms base step (whose {bound['base_weight_mb']:.0f} MB of weights alone take "
+            f"{bound['base_weight_read_ms']:.1f} ms at that rate): no kernel passes a ratio of {bound['ratio_ceiling']:.3f}.",
+        ]
     a = r["activation_latency"]
     lines += [
         "",

@@ -12,6 +12,7 @@ import torch
 
 from bench.activation import measure_activation
 from bench.assets import DTYPES, adapter_names, build_model, ensure_adapters, parameter_count, word_tokenizer
+from bench.bytes_bound import linear_weight_bytes, lora_ratio_ceiling, streaming_read_bytes_per_s
 from bench.baselines import NaiveLockServer, PeftStaticBatcher, build_peft_model
 from bench.engine_runs import LoraplexShard, context_for, paired_decode_steps, serve
 from bench.machine import machine_info, software_versions
@@ -30,9 +31,10 @@ def _ratio_summary(ratios: list[float], goal: float | None = None) -> dict:
     return summary
 
 
-def measure_overhead(shard: LoraplexShard, profile: BenchProfile, names: list[str], log) -> dict:
+def measure_overhead(shard: LoraplexShard, profile: BenchProfile, names: list[str], base_weight_bytes: int, log) -> dict:
     """Goal 1: decode tokens/s with `concurrency` rows over as many distinct adapters vs the
-    same rows on the base model (slot -1), on the same model and engine code, steps interleaved."""
+    same rows on the base model (slot -1), on the same model and engine code, steps interleaved;
+    with the ceiling the machine's read bandwidth puts on that ratio."""
     lora = closed_batch(count=profile.concurrency, prompt_tokens=profile.overhead_prompt_tokens,
                         new_tokens=profile.overhead_new_tokens, adapters=names[: profile.concurrency],
                         vocab_size=profile.model.vocab_size, seed=profile.seed)
@@ -81,6 +83,8 @@ def measure_overhead(shard: LoraplexShard, profile: BenchProfile, names: list[st
             "n": len(pair_ratios),
         },
         "goal": GOALS["lora_overhead"],
+        "bytes_bound": lora_ratio_ceiling(base_step, profile.concurrency * shard.lora.pool.bytes_per_slot(),
+                                          streaming_read_bytes_per_s(profile.read_bandwidth_bytes), base_weight_bytes),
     }
     result["goal_met"] = result["ratio"] >= GOALS["lora_overhead"]
     return result
@@ -218,6 +222,7 @@ def run_benchmark(profile: BenchProfile, cache_dir: Path, log: Callable[[str], N
     model = build_model(profile.model, profile.dtype)
     tokenizer = word_tokenizer(profile.model.vocab_size)
     params = parameter_count(model)
+    base_weight_bytes = linear_weight_bytes(model)
     adapter_dirs = ensure_adapters(model, profile.model, profile.adapters, cache_dir)
     names = adapter_names(profile.adapters)
     peft_model = build_peft_model(model, {n: adapter_dirs[n] for n in names[: profile.concurrency]})
@@ -230,7 +235,7 @@ def run_benchmark(profile: BenchProfile, cache_dir: Path, log: Callable[[str], N
         log("4a. adapter activation latency")
         results["activation_latency"] = measure_activation(shard, names, profile.activation_samples)
         log("1. LoRA overhead (decode steps, paired)")
-        results["lora_overhead"] = measure_overhead(shard, profile, names, log)
+        results["lora_overhead"] = measure_overhead(shard, profile, names, base_weight_bytes, log)
         context = max(
             profile.naive_prompt_tokens + profile.naive_new_tokens,
             profile.arrival_prompt_tokens[1] + profile.arrival_new_tokens[1],

@@ -80,3 +80,13 @@ def test_shipped_profiles_are_consistent():
     QUICK.validate()
     with pytest.raises(ValueError):
         toy_profile().__class__(name="bad", concurrency=64).validate()
+
+
+def test_lora_overhead_reports_the_bytes_bound_of_its_own_run(toy_result):
+    profile, result = toy_result
+    overhead = result["results"]["lora_overhead"]
+    bound = overhead["bytes_bound"]
+    assert bound["read_gb_per_s"] > 0 and bound["base_weight_mb"] > 0
+    assert bound["base_step_ms"] == pytest.approx(1e3 * profile.concurrency / overhead["base_tokens_per_s"], rel=1e-3)
+    assert 0 < bound["ratio_ceiling"] < 1
+    assert "Bytes bound on 1." in markdown_table(result)
