@@ -30,7 +30,9 @@ class RowGroup:
 
     `rows` is None when the entries are every row of the batch once, in order (then no row gather
     or scatter is needed); `row_index` always lists them. `weights` (fp32) is None when every
-    weight is 1 (then no scaling)."""
+    weight is 1 (then no scaling). `slot` is the one slot every entry uses, where they share one
+    (a burst on one adapter), read on the host: then its factors are used in place, not gathered
+    once per row."""
 
     rows: torch.Tensor | None
     row_index: torch.Tensor
@@ -38,6 +40,7 @@ class RowGroup:
     weights: torch.Tensor | None
     rank: int
     modules: frozenset[str]
+    slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ def plan_batch(pool: AdapterSlotPool, rows: Sequence[RowEntries]) -> BatchPlan:
                 weights=weights,
                 rank=max(pool.slot_rank(s) for s in group_slots),
                 modules=frozenset().union(*(pool.slot_modules(s) for s in group_slots)),
+                slot=next(iter(group_slots)) if len(group_slots) == 1 else None,
             )
         )
     return BatchPlan(batch_size=len(batch), groups=tuple(groups))

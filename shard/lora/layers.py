@@ -96,6 +96,9 @@ class MultiLoraLinear(nn.Module):
         for group in plan.groups:
             if self.name not in group.modules:
                 continue
+            if group.slot is not None:
+                self._add_one_slots_deltas(group, x3, out3, pool_a[group.slot, : group.rank], pool_b[group.slot, : group.rank])
+                continue
             a = pool_a[:, : group.rank].index_select(0, group.slots)
             b_t = pool_b[:, : group.rank].index_select(0, group.slots)
             xs = x3 if group.rows is None else x3.index_select(0, group.rows)
@@ -110,6 +113,25 @@ class MultiLoraLinear(nn.Module):
                     out3.add_(delta)
                 else:
                     out3.index_add_(0, group.rows, delta)
+
+    @staticmethod
+    def _add_one_slots_deltas(group, x3: torch.Tensor, out3: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        """Every entry uses one adapter: two plain matmuls over all its rows' tokens with the factors
+        in place. The batched path would copy the same factors once per row (a prefill of 32
+        requests on one adapter: 32 copies of each projection's A and B) and multiply in small
+        batches; this is one GEMM each, about half the time on CPU."""
+        xs = x3 if group.rows is None else x3.index_select(0, group.rows)
+        hidden = torch.matmul(xs, a.t())
+        if group.weights is not None:
+            hidden.mul_(group.weights.view(-1, 1, 1))
+        if group.rows is None and out3.dtype == a.dtype and out3.is_contiguous():
+            out3.view(-1, out3.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), b_t)
+            return
+        delta = torch.matmul(hidden, b_t).to(out3.dtype)
+        if group.rows is None:
+            out3.add_(delta)
+        else:
+            out3.index_add_(0, group.rows, delta)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, in={self.in_features}, out={self.out_features}, slots={self._pool.num_slots}"

@@ -152,6 +152,24 @@ def test_single_token_decode_rows_match_peft(tiny_llama, adapter_dirs, decode_ke
     assert (got - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "row_adapters",
+    [
+        ["r16_all"] * 5,  # every row, one adapter: factors used in place, no gather
+        ["r16_all", None, "r16_all", None],  # some rows: gathered rows, scattered back
+        [(("r16_all", 0.5),), (("r16_all", -1.5),), "r16_all"],  # one adapter at several weights
+    ],
+)
+def test_rows_that_share_one_adapter_match_peft(tiny_llama, adapter_dirs, row_adapters):
+    input_ids = torch.randint(3, 320, (len(row_adapters), 9), generator=torch.Generator().manual_seed(11))
+    expected = peft_reference_logits(tiny_llama, adapter_dirs, row_adapters, input_ids)
+    got, _, runtime = serve_mixed_batch(tiny_llama, adapter_dirs, row_adapters, input_ids)
+    assert (got - expected).abs().max().item() <= 1e-4
+    slot_of = {name: i for i, name in enumerate(adapter_dirs)}
+    plan = plan_batch(runtime.pool, batch_rows(row_adapters, slot_of))
+    assert [g.slot for g in plan.groups] == [slot_of["r16_all"]]
+
+
 # Mixes next to plain and base rows: K=2 in different rank buckets; K=2 in one bucket (a row
 # appears twice in one group); K=3 with a negative weight and an rslora component; a single adapter
 # scaled by a weight; a mix whose components cover different layers.
@@ -252,7 +270,7 @@ def test_groups_compute_at_the_ranks_present_not_max_rank(tiny_llama, adapter_di
     _, _, runtime = serve_mixed_batch(tiny_llama, adapter_dirs, [None], torch.zeros(1, 1, dtype=torch.long))
     slot = {name: i for i, name in enumerate(adapter_dirs)}
     plan = plan_batch(runtime.pool, [[(slot["r16_all"], 1.0)], [(slot["r16_all"], 1.0)]])
-    assert [(g.rank, g.rows, g.weights) for g in plan.groups] == [(16, None, None)]
+    assert [(g.rank, g.rows, g.weights, g.slot) for g in plan.groups] == [(16, None, None, slot["r16_all"])]
     plan = plan_batch(
         runtime.pool, [[(slot["r4_qv"], 1.0)], [], [(slot["r64_mlp_rslora"], 1.0)], [(slot["r8_attn_patterns"], 1.0)]]
     )
@@ -265,6 +283,9 @@ def test_groups_compute_at_the_ranks_present_not_max_rank(tiny_llama, adapter_di
     storages = {t.untyped_storage().data_ptr() for g in plan.groups for t in (g.row_index, g.slots)}
     assert len(storages) == 1
     assert [g.slots.tolist() for g in plan.groups] == [[slot["r4_qv"]], [slot["r8_attn_patterns"]], [slot["r64_mlp_rslora"]]]
+    # Two adapters in one bucket: no single slot, the batched path gathers per row.
+    plan = plan_batch(runtime.pool, [[(slot["r4_qv"], 1.0)], [(slot["r8_attn_up"], 1.0)]])
+    assert [(g.rank, g.slot) for g in plan.groups] == [(8, None)]
 
 
 def test_mix_entries_are_grouped_by_bucket_with_their_weights(tiny_llama, adapter_dirs):
