@@ -8,6 +8,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -15,7 +16,11 @@ from bench.run_result import RunResult
 from bench.workloads import BenchRequest
 from shard.engine import Engine, GenerationRequest, SamplingOptions
 from shard.lora import LOCAL_VERSION, AdapterKey, LocalAdapterSource, LoraManager
+from shard.intra_op_threads import run_in_ending_thread
 from shard.packed_weights import pack_linear_weights
+
+
+T = TypeVar("T")
 
 
 def adapter_key(name: str) -> AdapterKey:
@@ -129,6 +134,28 @@ async def _serve_arrivals(engine: Engine, requests: list[BenchRequest], prefix: 
     results = await asyncio.gather(*(one(r) for r in requests))
     seconds = loop.time() - start - min(r.arrival_s for r in requests)
     return RunResult("loraplex", sum(t for t, _ in results), seconds, [lat for _, lat in results])
+
+
+def on_own_thread(function: Callable[..., T], *args) -> T:
+    """`function(*args)` on a thread that ends when it returns. GNU OpenMP keeps a worker pool for
+    every thread that ran a parallel region, and once the pools' threads outnumber the CPUs every
+    barrier sleeps instead of spinning (shard/intra_op_threads.py): with the main thread's pool alive
+    beside an engine's, a 2-core Xeon served the same bf16 load at 548 tok/s instead of 953 and
+    switched threads ~240,000 times. So the benchmark's main thread runs no kernels itself, and
+    whatever runs them (a baseline, a phase of steps) does it on a thread whose pool ends with it."""
+    return run_in_ending_thread("bench-phase", function, *args).result()
+
+
+def serve_on_new_engine(shard: LoraplexShard, requests: list[BenchRequest], prefix: str, *, context: int,
+                        max_queue: int = 256) -> RunResult:
+    """`serve` on an engine started for this run and stopped after it: its thread, and its pool,
+    are the only ones computing while it serves, as in `python -m shard`. It is built on a thread of
+    its own too: allocating its caches fills memory in parallel regions."""
+    engine = on_own_thread(lambda: shard.engine(context=context, max_queue=max_queue)).start()
+    try:
+        return serve(engine, requests, prefix)
+    finally:
+        engine.stop(timeout=30)
 
 
 def serve(engine: Engine, requests: list[BenchRequest], prefix: str = "run") -> RunResult:

@@ -14,7 +14,7 @@ from bench.activation import measure_activation
 from bench.assets import DTYPES, adapter_names, build_model, ensure_adapters, parameter_count, word_tokenizer
 from bench.bytes_bound import linear_weight_bytes, lora_ratio_ceiling, streaming_read_bytes_per_s
 from bench.baselines import NaiveLockServer, PeftStaticBatcher, build_peft_model
-from bench.engine_runs import LoraplexShard, context_for, paired_decode_steps, serve
+from bench.engine_runs import LoraplexShard, context_for, on_own_thread, paired_decode_steps, serve_on_new_engine
 from bench.machine import machine_info, software_versions
 from bench.profiles import BenchProfile
 from bench.run_result import percentile, spread
@@ -116,13 +116,13 @@ def _comparison(ours: list, theirs: list, goal: float, what: str, extra: dict | 
     } | _ratio_summary(ratios, goal)
 
 
-def measure_vs_naive(shard, engine, peft_model, profile, names, log) -> dict:
+def measure_vs_naive(shard, serve_run, peft_model, profile, names, log) -> dict:
     requests = closed_batch(count=profile.concurrency, prompt_tokens=profile.naive_prompt_tokens,
                             new_tokens=profile.naive_new_tokens, adapters=names[: profile.concurrency],
                             vocab_size=profile.model.vocab_size, seed=profile.seed + 1)
-    shard.warm(names[: profile.concurrency])
+    on_own_thread(shard.warm, names[: profile.concurrency])
     naive = NaiveLockServer(peft_model)
-    ours, theirs = _paired_runs(lambda: serve(engine, requests, "naive"), lambda: naive.serve(requests),
+    ours, theirs = _paired_runs(lambda: serve_run(requests, "naive"), lambda: on_own_thread(naive.serve, requests),
                                 profile.naive_rounds, log, "vs naive")
     return _comparison(ours, theirs, GOALS["vs_naive"],
                        f"{profile.concurrency} concurrent requests over {profile.concurrency} adapters, "
@@ -130,15 +130,15 @@ def measure_vs_naive(shard, engine, peft_model, profile, names, log) -> dict:
                        "baseline: asyncio.Lock + PeftModel.set_adapter + generate per request")
 
 
-def measure_vs_peft_static(shard, engine, peft_model, profile, names, capacity_tokens_per_s, log) -> dict:
+def measure_vs_peft_static(shard, serve_run, peft_model, profile, names, capacity_tokens_per_s, log) -> dict:
     mean_new = sum(profile.arrival_new_tokens) / 2
     rate = profile.arrival_load * capacity_tokens_per_s / mean_new
     requests = poisson_arrivals(count=profile.arrival_requests, rate_per_s=rate, prompt_tokens=profile.arrival_prompt_tokens,
                                 new_tokens=profile.arrival_new_tokens, adapters=names[: profile.concurrency],
                                 vocab_size=profile.model.vocab_size, seed=profile.seed + 2)
-    shard.warm(names[: profile.concurrency])
+    on_own_thread(shard.warm, names[: profile.concurrency])
     batcher = PeftStaticBatcher(peft_model, max_batch=profile.concurrency)
-    ours, theirs = _paired_runs(lambda: serve(engine, requests, "arrivals"), lambda: batcher.serve(requests),
+    ours, theirs = _paired_runs(lambda: serve_run(requests, "arrivals"), lambda: on_own_thread(batcher.serve, requests),
                                 profile.arrival_rounds, log, "vs PEFT static")
     return _comparison(
         ours, theirs, GOALS["vs_peft_static"],
@@ -151,7 +151,7 @@ def measure_vs_peft_static(shard, engine, peft_model, profile, names, capacity_t
     )
 
 
-def measure_curve(shard, engine, profile, names, log) -> dict:
+def measure_curve(shard, serve_run, profile, names, log) -> dict:
     base = closed_batch(count=profile.curve_requests, prompt_tokens=profile.curve_prompt_tokens,
                         new_tokens=profile.curve_new_tokens, adapters=[None], vocab_size=profile.model.vocab_size,
                         seed=profile.seed + 3)
@@ -165,13 +165,13 @@ def measure_curve(shard, engine, profile, names, log) -> dict:
             # a shared machine drifts over the minutes a curve takes.
             requests = with_adapters(base, names[:point])
             if point <= profile.device_slots:
-                shard.warm(names[:point])  # resident: the point measures batching cost, not loading
+                on_own_thread(shard.warm, names[:point])  # resident: the point measures batching cost, not loading
             pair = [("base", base), ("lora", requests)]
             if index % 2:
                 pair.reverse()
             for side, load in pair:
                 before = {s.tier: s for s in shard.lora.tier_stats()}
-                result = serve(engine, load, f"curve{point}-{side}")
+                result = serve_run(load, f"curve{point}-{side}")
                 after = {s.tier: s for s in shard.lora.tier_stats()}
                 if side == "base":
                     base_runs[point].append(result)
@@ -219,39 +219,41 @@ def run_benchmark(profile: BenchProfile, cache_dir: Path, log: Callable[[str], N
     machine_before = machine_info()
     log(f"building a random Llama ({profile.model.hidden_size} hidden, {profile.model.num_layers} layers, "
         f"vocab {profile.model.vocab_size}) and {profile.adapters.count} rank-{profile.adapters.rank} adapters")
-    model = build_model(profile.model, profile.dtype)
+    # Every phase that runs kernels runs on a thread of its own (`on_own_thread`).
+    model = on_own_thread(build_model, profile.model, profile.dtype)
     tokenizer = word_tokenizer(profile.model.vocab_size)
     params = parameter_count(model)
     base_weight_bytes = linear_weight_bytes(model)
-    adapter_dirs = ensure_adapters(model, profile.model, profile.adapters, cache_dir)
+    adapter_dirs = on_own_thread(ensure_adapters, model, profile.model, profile.adapters, cache_dir)
     names = adapter_names(profile.adapters)
-    peft_model = build_peft_model(model, {n: adapter_dirs[n] for n in names[: profile.concurrency]})
+    peft_model = on_own_thread(build_peft_model, model, {n: adapter_dirs[n] for n in names[: profile.concurrency]})
     results: dict = {}
-    shard = LoraplexShard.build(model, tokenizer, adapter_dirs, device_slots=profile.device_slots,
-                                max_rank=profile.adapters.rank, host_capacity=profile.host_capacity,
-                                max_batch=profile.concurrency,
-                                pool_dtype=None if profile.adapter_dtype == "auto" else DTYPES[profile.adapter_dtype])
+    shard = on_own_thread(lambda: LoraplexShard.build(
+        model, tokenizer, adapter_dirs, device_slots=profile.device_slots, max_rank=profile.adapters.rank,
+        host_capacity=profile.host_capacity, max_batch=profile.concurrency,
+        pool_dtype=None if profile.adapter_dtype == "auto" else DTYPES[profile.adapter_dtype]))
     try:
         log("4a. adapter activation latency")
-        results["activation_latency"] = measure_activation(shard, names, profile.activation_samples)
+        results["activation_latency"] = on_own_thread(measure_activation, shard, names, profile.activation_samples)
         log("1. LoRA overhead (decode steps, paired)")
-        results["lora_overhead"] = measure_overhead(shard, profile, names, base_weight_bytes, log)
+        results["lora_overhead"] = on_own_thread(measure_overhead, shard, profile, names, base_weight_bytes, log)
         context = max(
             profile.naive_prompt_tokens + profile.naive_new_tokens,
             profile.arrival_prompt_tokens[1] + profile.arrival_new_tokens[1],
             profile.curve_prompt_tokens + profile.curve_new_tokens[1],
         ) + 1
-        engine = shard.engine(context=context, max_queue=max(256, profile.curve_requests, profile.arrival_requests)).start()
-        try:
-            log("2. against lock + set_adapter + generate")
-            results["vs_naive"] = measure_vs_naive(shard, engine, peft_model, profile, names, log)
-            log("3. against PEFT static batches on Poisson arrivals")
-            results["vs_peft_static"] = measure_vs_peft_static(
-                shard, engine, peft_model, profile, names, results["lora_overhead"]["lora_tokens_per_s"], log)
-            log("4b. throughput vs distinct adapters per batch")
-            results["distinct_adapters_curve"] = measure_curve(shard, engine, profile, names, log)
-        finally:
-            engine.stop(timeout=30)
+        max_queue = max(256, profile.curve_requests, profile.arrival_requests)
+
+        def serve_run(requests, prefix):
+            return serve_on_new_engine(shard, requests, prefix, context=context, max_queue=max_queue)
+
+        log("2. against lock + set_adapter + generate")
+        results["vs_naive"] = measure_vs_naive(shard, serve_run, peft_model, profile, names, log)
+        log("3. against PEFT static batches on Poisson arrivals")
+        results["vs_peft_static"] = measure_vs_peft_static(
+            shard, serve_run, peft_model, profile, names, results["lora_overhead"]["lora_tokens_per_s"], log)
+        log("4b. throughput vs distinct adapters per batch")
+        results["distinct_adapters_curve"] = measure_curve(shard, serve_run, profile, names, log)
         results["activation_latency"]["cache_tier_stats_end"] = [asdict(s) for s in shard.lora.tier_stats()]
     finally:
         shard.close()
