@@ -87,6 +87,11 @@ def plot(result: dict, path: Path) -> None:
     ax.bar(["base", "LoRA ×32"], [o["base_tokens_per_s"], o["lora_tokens_per_s"]], color=["#888", "#2a7"])
     ax.set_title(f"1. decode tok/s, ratio {o['ratio']:.3f} (goal ≥ 0.90)")
     ax.set_ylabel("tokens / s")
+    bound = o.get("bytes_bound")
+    if bound:
+        ax.axhline(o["base_tokens_per_s"] * bound["ratio_ceiling"], color="black", linestyle=":",
+                   label=f"LoRA at the bytes bound ({bound['ratio_ceiling']:.2f})")
+        ax.legend(loc="lower right")
 
     ax = axes[1]
     labels = [label for label, _ in goals[1:]]
