@@ -109,6 +109,7 @@ def build_core(settings: ShardSettings, metrics: ShardMetrics | None = None) -> 
         default_max_tokens=settings.default_max_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         admission_window_s=settings.admission_window_ms / 1000,
+        warm_up=settings.warm_up,
         prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
         prefix_block_tokens=settings.prefix_block_tokens,
         decode_attention=settings.decode_attention,

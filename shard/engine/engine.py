@@ -125,6 +125,7 @@ class Engine:
         fused_forward: bool = True,
         admission_window_s: float = 0.0,
         hot_merge_policy: HotAdapterPolicy | None = None,
+        warm_up: bool = True,
     ) -> None:
         """``decode_attention``: decode steps on CPU attend through the compiled kernel
         (shard.engine.attention) where it builds; False keeps the model's own attention.
@@ -145,6 +146,7 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.admission_window_s = admission_window_s
+        self.warm_up = warm_up  # `start` runs one forward of a full batch first (`_warm_up`)
         self.lora = lora  # None: this engine serves the base model only
         self.record_logits = record_logits
         self.metrics = metrics  # shard.metrics.ShardMetrics, or None
@@ -211,9 +213,12 @@ class Engine:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> "Engine":
+        """Start the engine's thread; returns once its warm-up forward has run (`_warm_up`)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+            warmed = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(warmed,), name="loraplex-engine", daemon=True)
             self._thread.start()
+            warmed.wait()
         return self
 
     def close(self) -> None:
@@ -372,8 +377,14 @@ class Engine:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, warmed: threading.Event) -> None:
         with torch.inference_mode():
+            try:
+                self._warm_up()
+            except Exception:  # the engine still serves; its first batch pays the page faults
+                log.exception("warm-up forward failed")
+            finally:
+                warmed.set()
             while True:
                 with self._lock:
                     while not self._stop and not self._has_work():
@@ -393,6 +404,35 @@ class Engine:
                 for _, _, future in self._merge_requests:
                     future.set_exception(EngineClosedError("the shard is shutting down"))
                 self._merge_requests.clear()
+
+    def _warm_up(self) -> None:
+        """A prefill forward the size of a full chunk over every row, then a decode step, on the
+        engine's thread before it serves; logits dropped, rows emptied, no statistics counted. The
+        first batch would otherwise fault in its activations while its requests wait (bf16, 32
+        prompts of 64 tokens over gRPC: ~34k page faults, first token 0.50 s against 0.32-0.36 s
+        for the batches after); the memory stays with the process (shard.c_allocator)."""
+        if not self.warm_up:
+            return
+        rows = list(range(self.scheduler.max_batch))
+        # Within the columns already allocated: the warm-up must not grow the cache.
+        width = max(1, min(self.prefill_chunk_tokens // len(rows), self.cache.columns - 1))
+        for tokens in (width, 1):
+            plan = self.cache.plan(rows, [tokens] * len(rows))
+            try:
+                self._model_forward(
+                    input_ids=torch.zeros((len(rows), tokens), dtype=torch.long, device=self.device),
+                    attention_mask=plan.attention_mask,
+                    position_ids=plan.position_ids,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=self._last_position(tokens),
+                )
+            except BaseException:
+                self.cache.abort()
+                raise
+            self.cache.commit()
+        for row in rows:
+            self.cache.reset_row(row)
 
     def _gather_burst(self) -> None:
         """Called idle, with the lock held, once requests wait: let the rest of a burst arrive.

@@ -310,3 +310,31 @@ def test_a_full_batch_does_not_wait_for_the_window(tiny_llama):
         assert time.monotonic() - started < 20
     finally:
         engine.stop(timeout=10)
+
+
+def test_start_runs_a_warm_up_forward_that_leaves_no_trace(tiny_llama):
+    """`start` returns after one full-size prefill and a decode step on the engine's thread; the
+    rows are empty again, nothing is counted, the cache did not grow, and answers are unchanged."""
+    model, tokenizer = tiny_llama
+    forwards = []
+    answers = {}
+    for warm_up in (True, False):
+        engine = Engine(model, tokenizer, max_batch_size=3, max_queue=8, max_context=128, prefill_chunk_tokens=12,
+                        initial_kv_columns=16, warm_up=warm_up)
+        engine.eos_ids = set()
+        calls = []
+        # Every forward embeds its input ids first: the hook sees each forward's [rows, tokens].
+        hook = model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape))
+        engine.start()
+        hook.remove()
+        try:
+            forwards.append(list(calls))
+            stats = engine.stats()
+            assert (stats.tokens_generated, stats.prefill_tokens_computed, stats.kv_used_tokens) == (0, 0, 0)
+            assert engine.cache.columns == 16 and list(engine.cache.lengths) == [0, 0, 0]
+            request = GenerationRequest("after", prompt_ids=prompt(9, 6), sampling=SamplingOptions(max_tokens=5))
+            answers[warm_up] = collect(engine.submit(request))[0]
+        finally:
+            engine.stop(timeout=10)
+    assert forwards == [[torch.Size([3, 4]), torch.Size([3, 1])], []]
+    assert answers[True] == answers[False] == reference_tokens(model, prompt(9, 6), 5)
