@@ -417,20 +417,8 @@ class Engine:
         # Within the columns already allocated: the warm-up must not grow the cache.
         width = max(1, min(self.prefill_chunk_tokens // len(rows), self.cache.columns - 1))
         for tokens in (width, 1):
-            plan = self.cache.plan(rows, [tokens] * len(rows))
-            try:
-                self._model_forward(
-                    input_ids=torch.zeros((len(rows), tokens), dtype=torch.long, device=self.device),
-                    attention_mask=plan.attention_mask,
-                    position_ids=plan.position_ids,
-                    past_key_values=self.cache,
-                    use_cache=True,
-                    logits_to_keep=self._last_position(tokens),
-                )
-            except BaseException:
-                self.cache.abort()
-                raise
-            self.cache.commit()
+            ids = torch.zeros((len(rows), tokens), dtype=torch.long, device=self.device)
+            self._forward_into_cache(rows, [tokens] * len(rows), ids, contextlib.nullcontext())
         for row in rows:
             self.cache.reset_row(row)
 
@@ -572,7 +560,6 @@ class Engine:
             budget -= len(sequence.prompt_ids) - sequence.prefilled
 
     def _forward(self, sequences: list[_Sequence], rows: list[int], inputs: list[list[int]]) -> torch.Tensor:
-        plan = self.cache.plan(rows, [len(x) for x in inputs])
         width = max(len(x) for x in inputs)
         pad = 0
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in inputs], device=self.device)
@@ -581,6 +568,16 @@ class Engine:
             if self.lora is not None
             else contextlib.nullcontext()
         )
+        out = self._forward_into_cache(rows, [len(x) for x in inputs], ids, adapters)
+        if self.hot_merge_policy is not None:
+            self._observe_traffic(sequences, inputs)
+        return out.logits[:, -1, :].float()
+
+    def _forward_into_cache(self, rows: list[int], lengths: list[int], ids: torch.Tensor,
+                            adapters: contextlib.AbstractContextManager):
+        """One forward of `ids` (left-padded to their widest row) into those rows of the KV cache,
+        under `adapters`: the cache keeps what it wrote if the forward returns, nothing if it raises."""
+        plan = self.cache.plan(rows, lengths)
         try:
             with adapters:
                 out = self._model_forward(
@@ -589,15 +586,13 @@ class Engine:
                     position_ids=plan.position_ids,
                     past_key_values=self.cache,
                     use_cache=True,
-                    logits_to_keep=self._last_position(width),
+                    logits_to_keep=self._last_position(ids.shape[1]),
                 )
         except BaseException:
             self.cache.abort()
             raise
         self.cache.commit()
-        if self.hot_merge_policy is not None:
-            self._observe_traffic(sequences, inputs)
-        return out.logits[:, -1, :].float()
+        return out
 
     def _observe_traffic(self, sequences: list[_Sequence], inputs: list[list[int]]) -> None:
         """Tokens per adapter version for the hot-adapter policy. Only a row of one adapter at

@@ -87,8 +87,12 @@ class MultiLoraLinear(nn.Module):
                 )
 
     def _add_deltas_torch(self, plan: BatchPlan, x3: torch.Tensor, out3: torch.Tensor) -> None:
-        """Device-agnostic path: gather each group's factors (only the first `rank` rows of each
-        slot), two batched matmuls, add into the base output (index_add_ sums a row's entries)."""
+        """Device-agnostic path: each group's factors (only the first `rank` rows of each slot), two
+        matmuls, added into the base output (index_add_ sums a row's entries). Where every entry
+        uses one adapter its factors are used in place, one GEMM each over all its rows' tokens;
+        otherwise they are gathered, a copy per entry, and multiplied as batches (a prefill of 32
+        requests on one adapter would copy each projection's A and B 32 times and take about twice
+        as long on CPU)."""
         pool_a, pool_b = self._pool.a[self.name], self._pool.b_t[self.name]
         compute_dtype = pool_a.dtype
         if x3.dtype != compute_dtype:
@@ -96,42 +100,26 @@ class MultiLoraLinear(nn.Module):
         for group in plan.groups:
             if self.name not in group.modules:
                 continue
-            if group.slot is not None:
-                self._add_one_slots_deltas(group, x3, out3, pool_a[group.slot, : group.rank], pool_b[group.slot, : group.rank])
-                continue
-            a = pool_a[:, : group.rank].index_select(0, group.slots)
-            b_t = pool_b[:, : group.rank].index_select(0, group.slots)
             xs = x3 if group.rows is None else x3.index_select(0, group.rows)
-            hidden = torch.bmm(xs, a.transpose(1, 2))
+            if group.slot is not None:
+                b_t = pool_b[group.slot, : group.rank]
+                hidden = torch.matmul(xs, pool_a[group.slot, : group.rank].t())
+            else:
+                b_t = pool_b[:, : group.rank].index_select(0, group.slots)
+                hidden = torch.bmm(xs, pool_a[:, : group.rank].index_select(0, group.slots).transpose(1, 2))
             if group.weights is not None:
                 hidden.mul_(group.weights.view(-1, 1, 1))
-            if group.rows is None and out3.dtype == compute_dtype:
-                out3.baddbmm_(hidden, b_t)
-            else:
-                delta = torch.bmm(hidden, b_t).to(out3.dtype)
-                if group.rows is None:
-                    out3.add_(delta)
+            if group.rows is None and out3.dtype == compute_dtype and out3.is_contiguous():
+                if b_t.dim() == 2:
+                    out3.view(-1, out3.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), b_t)
                 else:
-                    out3.index_add_(0, group.rows, delta)
-
-    @staticmethod
-    def _add_one_slots_deltas(group, x3: torch.Tensor, out3: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
-        """Every entry uses one adapter: two plain matmuls over all its rows' tokens with the factors
-        in place. The batched path would copy the same factors once per row (a prefill of 32
-        requests on one adapter: 32 copies of each projection's A and B) and multiply in small
-        batches; this is one GEMM each, about half the time on CPU."""
-        xs = x3 if group.rows is None else x3.index_select(0, group.rows)
-        hidden = torch.matmul(xs, a.t())
-        if group.weights is not None:
-            hidden.mul_(group.weights.view(-1, 1, 1))
-        if group.rows is None and out3.dtype == a.dtype and out3.is_contiguous():
-            out3.view(-1, out3.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), b_t)
-            return
-        delta = torch.matmul(hidden, b_t).to(out3.dtype)
-        if group.rows is None:
-            out3.add_(delta)
-        else:
-            out3.index_add_(0, group.rows, delta)
+                    out3.baddbmm_(hidden, b_t)
+                continue
+            delta = torch.matmul(hidden, b_t).to(out3.dtype)
+            if group.rows is None:
+                out3.add_(delta)
+            else:
+                out3.index_add_(0, group.rows, delta)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, in={self.in_features}, out={self.out_features}, slots={self._pool.num_slots}"
