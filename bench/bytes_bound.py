@@ -2,8 +2,9 @@
 
 A decode step in which every row has its own adapter reads each distinct adapter's A and B on top
 of the base weights. Those reads cannot go faster than the machine streams memory, so
-base step ÷ (base step + factor bytes ÷ streaming rate) bounds LoRA ÷ base for any kernel, on any
-CPU, measured in the same run as the ratio it bounds."""
+base step ÷ (base step + factor bytes ÷ streaming rate) bounds LoRA ÷ base for any kernel that
+reads them beside the base's matmuls rather than hidden under its compute, on any CPU, measured in
+the same run as the ratio it bounds."""
 
 from __future__ import annotations
 
